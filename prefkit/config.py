@@ -1,0 +1,245 @@
+"""Hydra plumbing: where the configs live, how a job directory is named, and how a bad
+override becomes one clear line instead of a traceback.
+
+Each CLI stage re-enters a `hydra.main` entry point with its own primary config (conf/<stage>.yaml),
+so `-m` multirun, `--cfg job`, Hydra's `--help`, sweepers and launchers all work unchanged.
+Before that, the overrides are composed once per sweep combination with the Compose API to
+catch mistakes early, while nothing has been written yet.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from prefkit.errors import UserError
+
+# Keys that do not change what a job computes; they stay out of job directory names.
+_NOT_IN_JOB_NAME = ("run.", "job", "overwrite", "hardware", "logger", "hydra", "resume")
+_MAX_VALIDATED_COMBINATIONS = 64
+
+
+def conf_dir() -> Path:
+    """conf/ shipped inside the wheel, or the repository's top-level conf/ for a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "common.yaml").is_file():
+            return candidate
+    raise RuntimeError(f"prefkit's configs are missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
+
+
+def user_search_path() -> list[str]:
+    """Extra config directories from PREFKIT_CONFIG_PATH (colon-separated), searched before
+    prefkit's own so a user's conf/model/my-model.yaml is found without editing the package."""
+    dirs = [d for d in os.environ.get("PREFKIT_CONFIG_PATH", "").split(os.pathsep) if d]
+    return [f"file://{Path(d).resolve()}" for d in dirs]
+
+
+def job_name(job: str | None, prefix: str, overrides: list[str]) -> str:
+    """A job's directory name: `job` if given, else the prefix (align: the objective) plus the
+    overrides that change the computation, e.g. `tdpo2,objective.alpha=0.3`."""
+    if job:
+        return _safe(str(job))
+    items = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith(_NOT_IN_JOB_NAME) or (prefix and key == "objective"):
+            continue
+        items.append(override.lstrip("+~"))
+    name = ",".join(([prefix] if prefix else []) + sorted(items)) or "default"
+    return _safe(name)
+
+
+def _safe(name: str) -> str:
+    name = re.sub(r"[/\\\s'\"]", "_", name)
+    if len(name) > 200:  # keep paths sane; the full overrides are in .hydra/overrides.yaml
+        import hashlib
+        name = name[:180] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("pk_job"):
+        OmegaConf.register_new_resolver(
+            "pk_job", lambda job, prefix, overrides: job_name(job, prefix, list(overrides or [])))
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def _override_variants(overrides: list[str]) -> list[list[str]]:
+    """The override lists of the sweep's jobs (at most a bounded number of them)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:  # hydra.errors.OverrideParseException
+        raise UserError(f"cannot parse overrides: {str(err).splitlines()[0]}") from None
+    axes: list[list[str]] = []
+    for o in parsed:
+        key = o.input_line.split("=", 1)[0]
+        if o.is_sweep_override() and o.is_discrete_sweep():
+            try:
+                axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+            except Exception:  # glob() sweeps need a config loader; Hydra checks them itself
+                continue
+        elif not o.is_sweep_override():
+            axes.append([o.input_line])
+    combos = itertools.islice(itertools.product(*axes), _MAX_VALIDATED_COMBINATIONS)
+    return [list(c) for c in combos]
+
+
+def validate(stage: str, overrides: list[str]) -> None:
+    """Compose every job of the (possibly swept) command; raise UserError on the first problem."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    search = user_search_path()
+    extra = [f"hydra.searchpath=[{','.join(search)}]"] if search else []
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        for variant in _override_variants(overrides):
+            try:
+                cfg = compose(config_name=stage, overrides=extra + variant)
+                # the same groups without value overrides: the reference for value types
+                groups_only = [o for o in variant if "." not in o.split("=", 1)[0] and not o.startswith("hydra")]
+                defaults = compose(config_name=stage, overrides=extra + groups_only)
+            except Exception as err:
+                raise UserError(_explain(stage, variant, err)) from None
+            missing = sorted(OmegaConf.missing_keys(cfg))
+            if missing:
+                raise UserError(f"{stage} needs a value for {', '.join(missing)} (add e.g. {missing[0]}=...)")
+            _check_types(cfg, defaults)
+    GlobalHydra.instance().clear()
+
+
+def _check_types(cfg: DictConfig, defaults: DictConfig, prefix: str = "") -> None:
+    """A value given where the default is a number or a boolean must be one too."""
+    for key in cfg:
+        if key == "hydra" or key not in defaults:
+            continue
+        value, default = cfg._get_node(key), defaults._get_node(key)
+        path = f"{prefix}{key}"
+        if isinstance(value, DictConfig) and isinstance(default, DictConfig):
+            _check_types(value, default, path + ".")
+            continue
+        if OmegaConf.is_interpolation(cfg, key) or OmegaConf.is_interpolation(defaults, key):
+            continue
+        new, old = OmegaConf.to_object(value) if isinstance(value, DictConfig) else value._value(), \
+            default._value() if not isinstance(default, DictConfig) else None
+        if isinstance(old, bool) and not isinstance(new, bool) and new is not None:
+            raise UserError(f"bad value for {path}: {new!r} is not true/false")
+        if isinstance(old, (int, float)) and not isinstance(old, bool) and new is not None and \
+                isinstance(new, (str, bool, list, dict, DictConfig)):
+            raise UserError(f"bad value for {path}: {new!r} is not a number")
+
+
+def _group_options(group: str) -> list[str]:
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
+    except Exception:
+        return []
+
+
+def _explain(stage: str, overrides: list[str], err: Exception) -> str:
+    """Turn a Hydra/OmegaConf composition error into one line with the valid choices."""
+    text = str(err)
+    m = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if m:
+        group, value = m.groups()
+        options = _group_options(group)
+        close = difflib.get_close_matches(value, options, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"unknown {group} '{value}'{hint}; valid choices: {', '.join(options) or 'none found'}"
+    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+    if m:
+        key = m.group(1)
+        parent, _, leaf = key.rpartition(".")
+        valid = _valid_keys(stage, overrides, key, parent)
+        close = difflib.get_close_matches(leaf, valid, n=1)
+        hint = f" (did you mean {(parent + '.') if parent else ''}{close[0]}?)" if close else ""
+        if "Value '" in text or "could not be converted" in text:
+            detail = [ln.strip() for ln in text.splitlines() if "Value '" in ln or "converted" in ln]
+            return f"bad value for {key}: {detail[0] if detail else text.splitlines()[0]}"
+        where = f"under {parent}" if parent else "at the top level"
+        return (f"{key} is not an option of {stage}{hint}; valid keys {where}: {', '.join(valid)}. "
+                f"To add a new key use +{key}=...")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    return f"bad configuration: {first}"
+
+
+def _valid_keys(stage: str, overrides: list[str], key: str, parent: str) -> list[str]:
+    from hydra import compose
+
+    rest = [o for o in overrides if not o.lstrip("+~").startswith(key + "=")]
+    try:
+        cfg = compose(config_name=stage, overrides=rest)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return sorted(node.keys()) if isinstance(node, DictConfig) else []
+    except Exception:
+        return []
+
+
+# --- entry --------------------------------------------------------------------------------------
+
+_HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                           "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+_HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i",
+                     "--shell-completion", "-sc", "--resolve"}
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags, overrides)."""
+    flags, overrides = [], []
+    it = iter(args)
+    for arg in it:
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in _HYDRA_FLAGS_WITH_VALUE and arg not in ("--info", "-i"):
+                value = next(it, None)
+                if value is not None:
+                    flags.append(value)
+        else:
+            overrides.append(arg)
+    return flags, overrides
+
+
+def run_stage(stage: str, args: list[str], task: Callable[[DictConfig], None]) -> None:
+    """Validate, then hand `args` to a hydra.main entry point for conf/<stage>.yaml."""
+    import hydra
+
+    from prefkit.console import print_error
+
+    register_resolvers()
+    flags, overrides = split_args(args)
+    if not any(f in _HYDRA_INFO_FLAGS for f in flags):
+        try:
+            validate(stage, overrides)
+        except UserError as err:
+            print_error(stage, str(err))
+            raise SystemExit(2) from None
+    search = user_search_path()
+    extra = [f"hydra.searchpath=[{','.join(search)}]"] if search else []
+
+    @hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")
+    def _entry(cfg: DictConfig) -> float | None:
+        try:
+            return task(cfg)
+        except UserError as err:
+            from prefkit.rundir import discard_if_unstarted, job_dir
+
+            print_error(stage, str(err))
+            discard_if_unstarted(job_dir())
+            raise SystemExit(2) from None
+
+    sys.argv = [f"prefkit {stage}", *flags, *extra, *overrides]
+    _entry()

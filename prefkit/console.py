@@ -1,0 +1,42 @@
+"""Terminal output: one rich console, error lines, progress bars."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+log = logging.getLogger("prefkit")
+
+
+def print_error(stage: str, message: str) -> None:
+    console.print(f"[bold red]prefkit {stage}: error:[/] {message}", soft_wrap=True)
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (weight-loading bars, advisory warnings) off the terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.utils.logging.disable_progress_bar()
+        datasets.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def progress(**fields: str) -> Progress:
+    """A progress bar with extra live fields (e.g. loss=..., lr=..., tok/s=...)."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    columns += [TextColumn(f"{name} {{task.fields[{key}]}}") for key, name in fields.items()]
+    return Progress(*columns, console=console, transient=False, disable=not sys.stderr.isatty()
+                    and os.environ.get("PREFKIT_PROGRESS") != "1")

@@ -1,0 +1,183 @@
+"""Rows, tokenization and batches.
+
+Every dataset, embedded or real, is turned into plain rows of three kinds:
+- SFT rows        {"prompt": str, "completion": str}
+- preference rows {"prompt": str, "completions": [str, ...], "rewards": [float, ...] (optional)}
+  with the preferred completion first (for pairs: [chosen, rejected]);
+- prompt rows     {"prompt": str, ...}
+Adapters for real datasets live in `prefkit.datasets`; they produce the same rows.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prefkit.errors import UserError
+from prefkit.logprobs import IGNORE
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One prompt+response sequence: token ids and how many of them are prompt."""
+
+    ids: tuple[int, ...]
+    prompt_len: int
+
+
+def encode(tokenizer, prompt: str, completion: str, *, max_length: int, max_prompt_length: int,
+           prompt_truncation: str = "keep_end", min_response_tokens: int = 1, add_eos: bool = True,
+           where: str = "") -> Encoded:
+    """Tokenize prompt and response separately (so their boundary is exact) and truncate.
+
+    The rule: the prompt keeps at most `max_prompt_length` tokens, and never so many that fewer
+    than `min_response_tokens` response tokens fit in `max_length`; a prompt over its budget
+    loses tokens from its start (`keep_end`, the default: the question nearest the answer
+    survives) or its end (`keep_start`), keeping a leading BOS. Then the response is cut to fit
+    `max_length` (it may lose its EOS). The whole response is never dropped."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if not response_ids:
+        raise UserError(f"empty response{where}: every completion needs at least one token")
+    if add_eos and tokenizer.eos_token_id is not None:
+        response_ids = [*response_ids, tokenizer.eos_token_id]
+    budget = min(max_prompt_length, max_length - min_response_tokens)
+    if budget < 1:
+        raise UserError(f"max_length={max_length} leaves no room for a prompt and {min_response_tokens} "
+                        "response token(s)")
+    if len(prompt_ids) > budget:
+        bos = tokenizer.bos_token_id
+        head = [bos] if bos is not None and prompt_ids[0] == bos else []
+        keep = budget - len(head)
+        if prompt_truncation == "keep_end":
+            prompt_ids = head + prompt_ids[len(prompt_ids) - keep:]
+        elif prompt_truncation == "keep_start":
+            prompt_ids = prompt_ids[:budget]
+        else:
+            raise UserError(f"unknown prompt_truncation '{prompt_truncation}'; valid: keep_end, keep_start")
+    response_ids = response_ids[: max_length - len(prompt_ids)]
+    return Encoded(tuple(prompt_ids + response_ids), len(prompt_ids))
+
+
+def encode_options(ds_cfg) -> dict[str, Any]:
+    return {"max_length": int(ds_cfg.max_length), "max_prompt_length": int(ds_cfg.max_prompt_length),
+            "prompt_truncation": str(ds_cfg.get("prompt_truncation", "keep_end")),
+            "min_response_tokens": int(ds_cfg.get("min_response_tokens", 1))}
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def check_rows(rows: list[dict], kind: str, source: str, on_bad_row: str = "error") -> list[dict]:
+    """Keep well-formed rows; a malformed one raises (with its index) or is skipped and counted."""
+    good, bad = [], []
+    for i, row in enumerate(rows):
+        problem = _row_problem(row, kind)
+        if problem is None:
+            good.append(row)
+        elif on_bad_row == "skip":
+            bad.append(i)
+        else:
+            raise UserError(f"{source}: row {i} is malformed: {problem} "
+                            "(set dataset.on_bad_row=skip to skip such rows)")
+    if bad:
+        import logging
+        logging.getLogger("prefkit").warning("%s: skipped %d malformed row(s), first at index %d",
+                                             source, len(bad), bad[0])
+    if not good:
+        raise UserError(f"{source}: no usable {kind} rows")
+    return good
+
+
+def _row_problem(row: Any, kind: str) -> str | None:
+    if not isinstance(row, dict):
+        return "not an object"
+    if not isinstance(row.get("prompt"), str):
+        return "'prompt' is missing or not a string"
+    if kind == "sft":
+        c = row.get("completion")
+        if not isinstance(c, str) or not c.strip():
+            return "'completion' is missing or empty"
+    elif kind == "preference":
+        cs = row.get("completions")
+        if not isinstance(cs, list) or len(cs) < 2:
+            return "'completions' must be a list of at least two responses"
+        if any(not isinstance(c, str) or not c.strip() for c in cs):
+            return "a completion is missing or empty"
+        rs = row.get("rewards")
+        if rs is not None and (not isinstance(rs, list) or len(rs) != len(cs)
+                               or any(not isinstance(r, (int, float)) for r in rs)):
+            return "'rewards' must be one number per completion"
+    return None
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+def collate(seqs: list[Encoded], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded input_ids, attention_mask, and labels (-100 on prompt and padding)."""
+    width = max(len(s.ids) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = len(s.ids)
+        ids[i, :n] = torch.tensor(s.ids)
+        mask[i, :n] = 1
+        labels[i, s.prompt_len:n] = ids[i, s.prompt_len:n]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_left(prompts: list[tuple[int, ...]], pad_id: int) -> dict[str, Tensor]:
+    """Left-padded prompts for generation."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class EpochSampler:
+    """Deterministic shuffled order, epoch after epoch; its position is part of the checkpoint,
+    so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
+        if n < batch_size:
+            raise UserError(f"only {n} training examples for a global batch of {batch_size}; "
+                            "lower the batch size or add data")
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.epoch, self.cursor = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        order = list(range(self.n))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
+        return order
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def next(self) -> list[int]:
+        if self.cursor + self.batch_size > self.n:  # drop the ragged tail, start the next epoch
+            self.epoch += 1
+            self.cursor = 0
+            self._order = self._make_order()
+        batch = self._order[self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "n": self.n, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["n"] != self.n or state["batch_size"] != self.batch_size:
+            raise UserError("the checkpoint was made with a different dataset size or batch size; "
+                            "resume with the same data and batch settings, or start over with overwrite=true")
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._make_order()

@@ -1,0 +1,189 @@
+"""The objective API: what an objective declares it needs, what it receives, what it returns.
+
+An objective is a function (or, if it keeps state across steps, a class) from a `Groups` batch
+to a `LossOutput`, registered under a name that a YAML file in conf/objective/ selects:
+
+    @objective("my_dpo", needs=Needs(reference="logps"))
+    def my_dpo(g: Groups, beta: float = 0.1) -> LossOutput:
+        margin = beta * (g.logratios[:, 0] - g.logratios[:, 1])
+        return LossOutput(-F.logsigmoid(margin).mean(), rewards=beta * g.logratios.detach())
+
+    # conf/objective/my_dpo.yaml:   name: my_dpo \n beta: 0.1
+
+The trainer feeds each objective only what its `Needs` ask for: scalar reference log-probs
+(precomputed once per run and cached), the reference's full distribution at every response
+token (for a token-level KL or logit mixing), per-completion rewards from the data, K
+completions per prompt, a scalar reward head on the policy, or no reference model at all.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prefkit.errors import UserError
+from prefkit.logprobs import TokenRequest
+from prefkit.trainer import Stateful
+
+
+@dataclass(frozen=True)
+class Needs:
+    reference: str = "logps"  # "none" | "logps" (scalar, cacheable) | "logits" (full distribution, online)
+    cacheable: bool = True  # False when the reference moves (TR-DPO): its log-probs cannot be precomputed
+    rewards: bool = False  # per-completion rewards must come with the data (or from a reward model)
+    group_size: int | None = 2  # completions per prompt: 2 = pairs; None = any K >= 2
+    reward_head: bool = False  # a scalar reward head on the policy's last hidden state (DRDO)
+    tokens: TokenRequest = field(default_factory=TokenRequest)
+
+    def __post_init__(self) -> None:
+        if self.reference not in ("none", "logps", "logits"):
+            raise ValueError(f"Needs.reference must be none, logps or logits, not {self.reference!r}")
+        if self.tokens.needs_reference_logits and self.reference != "logits":
+            object.__setattr__(self, "reference", "logits")
+
+
+@dataclass
+class Groups:
+    """A batch of B prompts with K completions each; every tensor is [B, K], completion 0 the
+    preferred one (for pairs: [chosen, rejected]; for K-way data: sorted best first)."""
+
+    logps: Tensor  # Σ_t log π_θ(y_t | x, y_<t), differentiable
+    lengths: Tensor  # response tokens
+    training: bool = True
+    ref_logps: Tensor | None = None
+    kl: Tensor | None = None  # Σ_t KL(π_ref ‖ π_θ) along the response, differentiable (TDPO)
+    reverse_kl: Tensor | None = None  # Σ_t KL(π_θ ‖ π_ref), no gradient
+    mixture_logps: dict[float, Tensor] = field(default_factory=dict)  # λ -> log-probs under the logit mixture
+    rewards: Tensor | None = None  # rewards from the data or a reward model, no gradient
+    reward_pred: Tensor | None = None  # the policy's reward head, differentiable
+
+    @property
+    def logratios(self) -> Tensor:
+        """log π_θ(y|x) − log π_ref(y|x)."""
+        if self.ref_logps is None:
+            raise RuntimeError("this objective declared no reference, so it has no log-ratios")
+        return self.logps - self.ref_logps
+
+    @property
+    def mean_logps(self) -> Tensor:
+        """Length-normalised log-probs (SimPO, ORPO, RRHF)."""
+        return self.logps / self.lengths.clamp(min=1)
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar, averaged over the batch's groups
+    rewards: Tensor | None = None  # [B, K] implicit rewards (detached), logged with TRL's names
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Objective(Stateful):
+    """Base class. Subclasses set `name` and `needs` (or compute `needs` from their options)
+    and implement `loss`. Stateful objectives also override state_dict/load_state_dict and
+    on_optimizer_step (see prefkit.trainer.Stateful)."""
+
+    name: str = ""
+    needs: Needs = Needs()
+
+    def loss(self, g: Groups) -> LossOutput:
+        raise NotImplementedError
+
+    def bind(self, **context: Any) -> None:
+        """Receive trainer context (e.g. the reference model, for TR-DPO). Default: nothing."""
+
+
+REGISTRY: dict[str, Callable[..., Objective]] = {}
+
+
+def register(name: str) -> Callable[[type[Objective]], type[Objective]]:
+    """Class decorator: make a stateful Objective subclass selectable as `objective=<name>`."""
+    def deco(cls: type[Objective]) -> type[Objective]:
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def objective(name: str, needs: Needs | Callable[..., Needs]) -> Callable[[Callable[..., LossOutput]],
+                                                                       Callable[..., LossOutput]]:
+    """Function decorator: register `fn(groups, **hyperparameters) -> LossOutput` as an objective.
+    `needs` may be a function of the hyperparameters when an option changes what is needed."""
+    def deco(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
+        params = {k for k in list(inspect.signature(fn).parameters)[1:]}
+
+        class FunctionObjective(Objective):
+            def __init__(self, **hparams: Any):
+                unknown = set(hparams) - params
+                if unknown:
+                    raise UserError(f"objective {name} has no option {', '.join(sorted(unknown))}; "
+                                    f"valid: {', '.join(sorted(params)) or 'none'}")
+                self.hparams = hparams
+                self.needs = needs(**hparams) if callable(needs) else needs
+
+            def loss(self, g: Groups) -> LossOutput:
+                return fn(g, **self.hparams)
+
+        FunctionObjective.__name__ = FunctionObjective.__qualname__ = f"{name}_objective"
+        FunctionObjective.__doc__ = fn.__doc__
+        FunctionObjective.name = name
+        REGISTRY[name] = FunctionObjective
+        fn.objective_class = FunctionObjective
+        return fn
+    return deco
+
+
+# Options every objective accepts, handled around the loss rather than inside it.
+COMMON_OPTIONS = ("name", "sft_weight", "import")
+
+
+def build(cfg: dict[str, Any]) -> tuple[Objective, float]:
+    """Instantiate the objective a config selects; returns it and its SFT weight."""
+    import importlib
+
+    import prefkit.objectives  # noqa: F401  (registers the built-in objectives)
+
+    cfg = dict(cfg)
+    for module in (cfg.get("import") or []) if isinstance(cfg.get("import"), list) else \
+            ([cfg["import"]] if cfg.get("import") else []):
+        importlib.import_module(module)
+    name = str(cfg["name"])
+    if name not in REGISTRY:
+        raise UserError(f"unknown objective '{name}'; registered: {', '.join(sorted(REGISTRY))}")
+    hparams = {k: v for k, v in cfg.items() if k not in COMMON_OPTIONS}
+    try:
+        obj = REGISTRY[name](**hparams)
+    except TypeError as err:
+        raise UserError(f"objective {name}: {err}") from None
+    return obj, float(cfg.get("sft_weight") or 0.0)
+
+
+def with_tokens(needs: Needs, **changes: Any) -> Needs:
+    return replace(needs, tokens=replace(needs.tokens, **changes))
+
+
+def trl_metrics(g: Groups, out: LossOutput) -> dict[str, Tensor]:
+    """TRL's metric names: first completion = chosen, last = rejected."""
+    metrics: dict[str, Tensor] = {
+        "logps/chosen": g.logps[:, 0].detach().mean(), "logps/rejected": g.logps[:, -1].detach().mean()}
+    if out.rewards is not None:
+        chosen, rejected = out.rewards[:, 0].detach(), out.rewards[:, -1].detach()
+        metrics.update({
+            "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),
+        })
+    return metrics
+
+
+def sft_nll(g: Groups) -> Tensor:
+    """Token-mean NLL of the chosen responses over the batch (TRL's `sft` loss term)."""
+    return -g.logps[:, 0].sum() / g.lengths[:, 0].sum().clamp(min=1)
+
+
+def logsigmoid(x: Tensor) -> Tensor:
+    return torch.nn.functional.logsigmoid(x)

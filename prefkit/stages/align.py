@@ -1,0 +1,221 @@
+"""`prefkit align objective=<name>`: train a policy on preference data with any registered
+objective. The policy starts from the run's SFT model (or `policy.init=base|<path>`), the
+reference is the same model frozen, and the objective's `Needs` decide what is computed:
+scalar reference log-probs (cached once per run), the reference's full distribution, rewards,
+a reward head, or no reference at all.
+
+Writes <run>/align/<job>/model (plus reward_head.safetensors for DRDO) and summary.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from prefkit import refcache
+from prefkit.console import console
+from prefkit.data import Encoded, collate, encode, encode_options
+from prefkit.datasets import load_rows
+from prefkit.errors import UserError
+from prefkit.logprobs import PolicyModule, reference_hidden
+from prefkit.models import freeze, load_causal_lm, load_tokenizer, resolve_model_path
+from prefkit.objectives import Groups, Needs, build, sft_nll, trl_metrics
+from prefkit.rundir import job_input, require_job, run_dir, start_job, write_json, write_lineage
+from prefkit.trainer import Trainer, make_accelerator, save_tensors
+
+log = logging.getLogger("prefkit")
+
+
+def policy_init(cfg: DictConfig, run: Path) -> tuple[str, dict[str, Any]]:
+    """Where the policy (and reference) start: the run's SFT model, the base model, or a path."""
+    init = str(cfg.policy.init)
+    if init == "sft":
+        job = require_job(run, "sft", cfg.policy.get("sft_job"), key="policy.sft_job",
+                          how=f"prefkit sft run.name={cfg.run.name}")
+        return str(job.path / "model"), {"sft": job_input(job)}
+    if init == "base":
+        path = resolve_model_path(cfg.model, Path(cfg.run.root) / ".cache")
+        return path, {"base_model": path}
+    return init, {"model": init}
+
+
+def to_groups(rows: list[dict], needs: Needs, name: str) -> list[dict]:
+    """Check the rows' group size against what the objective takes; pair objectives get each
+    K-way group's best and worst completion."""
+    sizes = {len(r["completions"]) for r in rows}
+    if len(sizes) > 1:
+        raise UserError(f"preference rows have different numbers of completions ({sorted(sizes)}); "
+                        "every prompt needs the same K")
+    k = sizes.pop()
+    if needs.group_size == 2 and k > 2:
+        console.print(f"{name} takes pairs: using each group's first (best) and last (worst) of {k} completions")
+        rows = [{**r, "completions": [r["completions"][0], r["completions"][-1]],
+                 **({"rewards": [r["rewards"][0], r["rewards"][-1]]} if r.get("rewards") else {})} for r in rows]
+    return rows
+
+
+def encode_groups(rows: list[dict], tokenizer, ds: DictConfig, split: str) -> list[list[Encoded]]:
+    opts = encode_options(ds)
+    return [[encode(tokenizer, r["prompt"], c, where=f" in {split} row {i}", **opts) for c in r["completions"]]
+            for i, r in enumerate(rows)]
+
+
+def row_rewards(rows: list[dict]) -> Tensor | None:
+    if all(r.get("rewards") is not None for r in rows):
+        return torch.tensor([r["rewards"] for r in rows], dtype=torch.float32)
+    return None
+
+
+def run(cfg: DictConfig) -> None:
+    out = start_job(cfg)
+    if out is None:
+        return
+    torch.manual_seed(int(cfg.seed))
+    run = run_dir(cfg)
+    objective, sft_weight = build(OmegaConf.to_container(cfg.objective, resolve=True))
+    needs = objective.needs
+    init_path, inputs = policy_init(cfg, run)
+    trust = bool(cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(init_path, trust_remote_code=trust)
+
+    rows = {split: to_groups(load_rows(cfg.dataset, "preference", split, run, tokenizer), needs, objective.name)
+            for split in ("train", "eval")}
+    groups = {split: encode_groups(r, tokenizer, cfg.dataset, split) for split, r in rows.items()}
+    rewards = {split: row_rewards(r) for split, r in rows.items()}
+    if needs.rewards or cfg.rewards.source == "model":
+        rewards = reward_columns(cfg, run, rows, rewards, inputs)
+    if needs.group_size is None and len(groups["train"][0]) < 2:
+        raise UserError(f"{objective.name} needs at least two completions per prompt")
+
+    accelerator = make_accelerator(cfg.hardware)
+    device = accelerator.device
+    lm = load_causal_lm(init_path, str(cfg.model.dtype), trust)
+    if cfg.hardware.get("gradient_checkpointing"):
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = PolicyModule(lm, reward_head=needs.reward_head)
+
+    def make_reference():
+        return freeze(load_causal_lm(init_path, str(cfg.model.reference_dtype), trust)).to(device)
+
+    reference, ref_cache = None, None
+    use_cache = (needs.reference == "logps" and needs.cacheable and cfg.reference.cache is not False
+                 and str(cfg.reference.cache) != "false")
+    if use_cache:
+        key = refcache.cache_key(groups, init_path, str(cfg.model.reference_dtype), needs.tokens.temperature)
+        ref_cache = refcache.load_or_compute(
+            run, key, groups, make_reference, tokenizer.pad_token_id, device,
+            int(cfg.hardware.micro_batch_size) * 4, needs.tokens.temperature, int(cfg.hardware.logprob_chunk),
+            accelerator.is_main_process)
+        inputs["reference_logps_cache"] = key
+    elif needs.reference != "none":
+        reference = make_reference()
+    objective.bind(accelerator=accelerator, policy=policy.lm, reference=reference)
+
+    chunk = int(cfg.hardware.logprob_chunk)
+    recompute = needs.tokens.needs_reference_logits if cfg.hardware.get("recompute_lm_head", "auto") == "auto" \
+        else bool(cfg.hardware.recompute_lm_head)
+    pad = tokenizer.pad_token_id
+
+    def forward(split: str, indices: list[int], training: bool):
+        seqs = [seq for i in indices for seq in groups[split][i]]
+        batch = {k: v.to(device) for k, v in collate(seqs, pad).items()}
+        b, k = len(indices), len(groups[split][indices[0]])
+        ref = None
+        if reference is not None:
+            ref = reference_hidden(reference, **batch)
+        stats, reward_pred = trainer.model(**batch, reference=ref, req=needs.tokens, chunk_size=chunk,
+                                           recompute=recompute)
+
+        def view(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.view(b, k)
+
+        ref_logps = stats.ref_logps
+        if ref_cache is not None:
+            ref_logps = ref_cache[split][indices].to(device).flatten()
+        g = Groups(logps=view(stats.logps), lengths=view(stats.lengths), training=training,
+                   ref_logps=view(ref_logps) if needs.reference != "none" else None,
+                   kl=view(stats.kl), reverse_kl=view(stats.reverse_kl),
+                   mixture_logps={lam: view(t) for lam, t in stats.mixture_logps.items()},
+                   rewards=None if rewards[split] is None else rewards[split][indices].to(device),
+                   reward_pred=view(reward_pred))
+        result = objective.loss(g)
+        loss = result.loss
+        metrics: dict[str, Any] = {**trl_metrics(g, result), **result.metrics}
+        if sft_weight:
+            nll = sft_nll(g)
+            loss = loss + sft_weight * nll
+            metrics["sft/nll"] = nll.detach()
+        metrics["num_tokens"] = int(batch["attention_mask"].sum())
+        return loss, metrics
+
+    def loss_fn(indices: list[int], training: bool):
+        return forward("train", indices, training)
+
+    def eval_fn() -> dict[str, float]:
+        sums: dict[str, float] = defaultdict(float)
+        mb = int(cfg.hardware.micro_batch_size)
+        n = len(groups["eval"])
+        for start in range(0, n, mb):
+            idx = list(range(start, min(n, start + mb)))
+            loss, metrics = forward("eval", idx, False)
+            metrics["loss"] = loss
+            for key, val in metrics.items():
+                if key != "num_tokens":
+                    sums[key] += float(val) * len(idx) / n
+        return {f"eval_{k}": v for k, v in sums.items()}
+
+    def save_fn(path: Path) -> None:
+        module = accelerator.unwrap_model(trainer.model)
+        module.lm.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        if module.reward_head is not None:
+            save_tensors(dict(module.reward_head.state_dict()), path / "reward_head.safetensors")
+
+    trainer = Trainer(cfg, out, policy, accelerator, len(groups["train"]), loss_fn, eval_fn, save_fn,
+                      stateful={"objective": objective})
+    final = trainer.fit()
+    trainer.finalize(out / "model")
+    if accelerator.is_main_process:
+        state = objective.state_dict()
+        summary = {**final, "objective": objective.name, "train_groups": len(groups["train"]),
+                   "eval_groups": len(groups["eval"]),
+                   **{f"objective_state/{k}": v for k, v in state.items() if isinstance(v, (int, float))}}
+        write_json(out / "summary.json", summary)
+        acc = final.get("eval_rewards/accuracies")
+        console.print(f"align {objective.name} done: eval loss {final.get('eval_loss', float('nan')):.4f}"
+                      + (f", held-out reward accuracy {acc:.3f}" if acc is not None else "") + f" -> {out / 'model'}")
+        write_lineage(out, cfg, {**inputs, "dataset": str(cfg.dataset.name)})
+
+
+def reward_columns(cfg: DictConfig, run: Path, rows: dict[str, list[dict]], from_data: dict[str, Tensor | None],
+                   inputs: dict[str, Any]) -> dict[str, Tensor]:
+    """Rewards for every completion: from the data, or scored by a reward model of the run."""
+    source = str(cfg.rewards.source)
+    if source == "auto":
+        source = "data" if all(v is not None for v in from_data.values()) else "model"
+    if source == "data":
+        if any(v is None for v in from_data.values()):
+            raise UserError(f"dataset {cfg.dataset.name} has no rewards; train a reward model "
+                            f"(`prefkit reward run.name={cfg.run.name}`) and set rewards.source=model")
+        return from_data
+    if source != "model":
+        raise UserError(f"unknown rewards.source '{source}'; valid: auto, data, model")
+    from prefkit.rewardmodel import load_reward_model, score_texts
+
+    job = require_job(run, "reward", cfg.rewards.get("job"), key="rewards.job",
+                      how=f"prefkit reward run.name={cfg.run.name}")
+    inputs["reward_model"] = job_input(job)
+    scorer = load_reward_model(job.path)
+    out = {}
+    for split, split_rows in rows.items():
+        texts = [(r["prompt"], c) for r in split_rows for c in r["completions"]]
+        scores = score_texts(scorer, texts, batch_size=64)
+        out[split] = torch.tensor(scores, dtype=torch.float32).view(len(split_rows), -1)
+    console.print(f"rewards: scored {sum(len(r) for r in rows.values())} groups with {job}")
+    return out

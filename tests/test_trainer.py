@@ -1,0 +1,105 @@
+"""The shared training loop: exact resume, non-finite-loss handling, schedules."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from prefkit import synthetic
+from prefkit.data import collate, encode
+from prefkit.errors import UserError
+from prefkit.logprobs import PolicyModule
+from prefkit.models import embedded_dir, load_causal_lm, load_tokenizer
+from prefkit.trainer import Trainer, _schedule, make_accelerator
+
+ARCH = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+        "max_position_embeddings": 64}
+
+
+def _cfg(**train):
+    return OmegaConf.create({
+        "stage": "sft", "seed": 0, "run": {"name": "t"}, "logger": {"every": 2, "wandb": False},
+        "hardware": {"device": "cpu", "precision": "fp32", "micro_batch_size": 4},
+        "train": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.01, "scheduler": "cosine",
+                  "warmup_steps": 2, "epochs": 1, "max_steps": 10, "batch_size": 8, "max_grad_norm": 1.0,
+                  "eval_every": 0, "save_every": 3, "keep_checkpoints": 2, "max_bad_steps": 3, **train}})
+
+
+def _setup(tmp_path: Path, cfg, fail_at=None, poison=None):
+    path = embedded_dir("tiny", ARCH, tmp_path / "cache")
+    tok = load_tokenizer(str(path))
+    torch.manual_seed(0)
+    model = PolicyModule(load_causal_lm(str(path)))
+    rows = synthetic.sft_examples(64, 0, "train")
+    seqs = [encode(tok, r["prompt"], r["completion"], max_length=64, max_prompt_length=16) for r in rows]
+    calls = {"n": 0}
+
+    def loss_fn(indices, training):
+        calls["n"] += 1
+        if fail_at is not None and calls["n"] == fail_at:
+            raise KeyboardInterrupt  # a kill in the middle of a step
+        batch = collate([seqs[i] for i in indices], tok.pad_token_id)
+        stats, _ = trainer.model(**batch)
+        loss = -stats.logps.sum() / stats.lengths.sum()
+        if poison is not None and calls["n"] in poison:
+            loss = loss * float("nan")
+        return loss, {"num_tokens": int(stats.lengths.sum())}
+
+    trainer = Trainer(cfg, tmp_path / "job", model, make_accelerator(cfg.hardware), len(seqs), loss_fn)
+    return trainer
+
+
+def _weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
+    straight = _setup(tmp_path / "a", _cfg())
+    straight.fit()
+    # 2 micro-batches per step: the 15th loss call is inside step 8, after the step-6 checkpoint
+    crashed = _setup(tmp_path / "b", _cfg(), fail_at=15)
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit()
+    assert crashed.step == 7 and (tmp_path / "b/job/checkpoints/step-6").is_dir()
+    assert (tmp_path / "b/job/checkpoints/step-3").is_dir()  # keep_checkpoints=2 keeps steps 3 and 6
+    resumed = _setup(tmp_path / "b", _cfg())
+    resumed.fit()
+    assert resumed.step == 10
+    a, b = _weights(straight), _weights(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    lines = (tmp_path / "b/job/metrics.jsonl").read_text().strip().splitlines()
+    assert any('"step": 10' in ln for ln in lines)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    crashed = _setup(tmp_path, _cfg(), fail_at=9)
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit()
+    with pytest.raises(UserError, match="different config"):
+        _setup(tmp_path, _cfg(lr=1e-2)).fit()
+
+
+def test_a_nonfinite_loss_skips_the_step_and_is_counted(tmp_path):
+    trainer = _setup(tmp_path, _cfg(max_steps=4, save_every=0), poison={3})  # call 3 = step 2's first half
+    result = trainer.fit()
+    assert trainer.step == 4 and trainer.skipped == 1  # 5 attempts, one skipped
+    assert result["train/skipped_steps"] == 1.0
+    assert all(torch.isfinite(v).all() for v in _weights(trainer).values())
+
+
+def test_a_run_of_nonfinite_losses_aborts(tmp_path):
+    trainer = _setup(tmp_path, _cfg(max_steps=6, save_every=0), poison=set(range(1, 100)))
+    with pytest.raises(UserError, match="3 optimizer steps in a row"):
+        trainer.fit()
+    assert trainer.step == 0
+
+
+def test_schedules():
+    cosine = _schedule("cosine", 2, 10)
+    assert cosine(0) == pytest.approx(1 / 3) and cosine(2) == pytest.approx(1.0)
+    assert cosine(10) == pytest.approx(0.0, abs=1e-12)
+    assert _schedule("constant", 0, 10)(7) == 1.0
+    assert _schedule("linear", 0, 10)(5) == pytest.approx(0.5)
+    with pytest.raises(UserError):
+        _schedule("exotic", 0, 10)
