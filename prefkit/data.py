@@ -31,15 +31,18 @@ class Encoded:
 
 def encode(tokenizer, prompt: str, completion: str, *, max_length: int, max_prompt_length: int,
            prompt_truncation: str = "keep_end", min_response_tokens: int = 1, add_eos: bool = True,
-           where: str = "") -> Encoded:
+           prompt_special_tokens: bool = True, where: str = "") -> Encoded:
     """Tokenize prompt and response separately (so their boundary is exact) and truncate.
 
     The rule: the prompt keeps at most `max_prompt_length` tokens, and never so many that fewer
     than `min_response_tokens` response tokens fit in `max_length`; a prompt over its budget
     loses tokens from its start (`keep_end`, the default: the question nearest the answer
     survives) or its end (`keep_start`), keeping a leading BOS. Then the response is cut to fit
-    `max_length` (it may lose its EOS). The whole response is never dropped."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    `max_length` (it may lose its EOS). The whole response is never dropped.
+
+    `prompt_special_tokens=False` is for prompts already rendered by a chat template (which
+    carries its own BOS); `add_eos=False` for completions that end with their own end-of-turn."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=prompt_special_tokens)["input_ids"]
     response_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if not response_ids:
         raise UserError(f"empty response{where}: every completion needs at least one token")
@@ -66,7 +69,9 @@ def encode(tokenizer, prompt: str, completion: str, *, max_length: int, max_prom
 def encode_options(ds_cfg) -> dict[str, Any]:
     return {"max_length": int(ds_cfg.max_length), "max_prompt_length": int(ds_cfg.max_prompt_length),
             "prompt_truncation": str(ds_cfg.get("prompt_truncation", "keep_end")),
-            "min_response_tokens": int(ds_cfg.get("min_response_tokens", 1))}
+            "min_response_tokens": int(ds_cfg.get("min_response_tokens", 1)),
+            "add_eos": bool(ds_cfg.get("add_eos", True)),
+            "prompt_special_tokens": bool(ds_cfg.get("prompt_special_tokens", True))}
 
 
 # --- validation ---------------------------------------------------------------------------------
