@@ -42,15 +42,16 @@ def user_search_path() -> list[str]:
     return [f"file://{Path(d).resolve()}" for d in dirs]
 
 
-def job_name(job: str | None, prefix: str, overrides: list[str]) -> str:
-    """A job's directory name: `job` if given, else the prefix (align: the objective) plus the
-    overrides that change the computation, e.g. `tdpo2,objective.alpha=0.3`."""
+def job_name(job: str | None, prefix: str, prefix_key: str, overrides: list[str]) -> str:
+    """A job's directory name: `job` if given, else the prefix (align: the objective's name,
+    taken from the `prefix_key` override if any) plus the other overrides that change the
+    computation, e.g. `tdpo2,objective.alpha=0.3`."""
     if job:
         return _safe(str(job))
     items = []
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key.startswith(_NOT_IN_JOB_NAME) or (prefix and key == "objective"):
+        if key.startswith(_NOT_IN_JOB_NAME) or (prefix_key and key == prefix_key):
             continue
         items.append(override.lstrip("+~"))
     name = ",".join(([prefix] if prefix else []) + sorted(items)) or "default"
@@ -68,7 +69,7 @@ def _safe(name: str) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("pk_job"):
         OmegaConf.register_new_resolver(
-            "pk_job", lambda job, prefix, overrides: job_name(job, prefix, list(overrides or [])))
+            "pk_job", lambda job, prefix, key, overrides: job_name(job, prefix, key, list(overrides or [])))
 
 
 # --- validation ---------------------------------------------------------------------------------

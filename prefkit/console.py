@@ -9,12 +9,15 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Off a terminal (CI logs, pipes) rich would wrap at 80 columns; tables read better wider.
+console = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 log = logging.getLogger("prefkit")
 
 
 def print_error(stage: str, message: str) -> None:
-    console.print(f"[bold red]prefkit {stage}: error:[/] {message}", soft_wrap=True)
+    from rich.markup import escape
+
+    console.print(f"[bold red]prefkit {stage}: error:[/] {escape(message)}", soft_wrap=True)
 
 
 def quiet_libraries() -> None:

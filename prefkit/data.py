@@ -74,13 +74,20 @@ def encode_options(ds_cfg) -> dict[str, Any]:
             "prompt_special_tokens": bool(ds_cfg.get("prompt_special_tokens", True))}
 
 
+def join_text(prompt: str, completion: str) -> str:
+    """The full text of a prompt and its completion, as a reader (oracle, classifier) sees it."""
+    if not prompt or not completion or prompt[-1].isspace() or completion[0].isspace():
+        return prompt + completion
+    return f"{prompt} {completion}"
+
+
 # --- validation ---------------------------------------------------------------------------------
 
 def check_rows(rows: list[dict], kind: str, source: str, on_bad_row: str = "error") -> list[dict]:
     """Keep well-formed rows; a malformed one raises (with its index) or is skipped and counted."""
     good, bad = [], []
     for i, row in enumerate(rows):
-        problem = _row_problem(row, kind)
+        problem = row_problem(row, kind)
         if problem is None:
             good.append(row)
         elif on_bad_row == "skip":
@@ -97,7 +104,7 @@ def check_rows(rows: list[dict], kind: str, source: str, on_bad_row: str = "erro
     return good
 
 
-def _row_problem(row: Any, kind: str) -> str | None:
+def row_problem(row: Any, kind: str) -> str | None:
     if not isinstance(row, dict):
         return "not an object"
     if not isinstance(row.get("prompt"), str):

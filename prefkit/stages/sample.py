@@ -1,0 +1,204 @@
+"""`prefkit sample`: N completions per prompt from every policy of the run (or the ones named).
+
+Generation is batched over prompts sorted by length, with the KV cache, and every sampling
+parameter explicit (temperature, top-p, top-k with 0 = off, max new tokens): no library default
+such as an implicit top-k of 50 can leak in. Each row also stores the policy's and the
+reference's sequence log-probs, the exact token-level KL Σ_t KL(π ‖ π_ref) along the sample
+(and the forward one), and the entropy, all under the sampling temperature, so `judge` needs
+no second pass. The output is append-only and resumable: rows go to
+<job>/<policy>/samples.partial.jsonl one batch at a time, and a restarted run skips the prompts
+already complete, so nothing is lost or duplicated; samples.jsonl appears when a policy is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from prefkit.console import console, progress
+from prefkit.data import Encoded, collate, collate_left, encode
+from prefkit.datasets import load_rows
+from prefkit.errors import UserError
+from prefkit.logprobs import TokenRequest, sequence_stats
+from prefkit.models import freeze, load_causal_lm, load_tokenizer
+from prefkit.policies import Policy, describe, select
+from prefkit.rundir import LINEAGE, config_hash, job_dir, run_dir, write_config, write_json, write_lineage
+
+
+def generation_config(s: DictConfig, tokenizer):
+    """A GenerationConfig with every sampling choice explicit; top_k=0 and top_p=1 switch those
+    filters off (transformers would otherwise fill an unset top_k with 50)."""
+    from transformers import GenerationConfig
+
+    temperature = float(s.temperature)
+    sampling = temperature > 0
+    return GenerationConfig(
+        do_sample=sampling, temperature=temperature if sampling else 1.0, top_k=int(s.top_k), top_p=float(s.top_p),
+        max_new_tokens=int(s.max_new_tokens), min_new_tokens=0, num_beams=1, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, use_cache=True)
+
+
+def policy_dir(out: Path, policy: Policy) -> Path:
+    if policy.job is not None:
+        return out / policy.key
+    return out / "external" / policy.key.replace("/", "_").replace(":", "_")
+
+
+def _read_partial(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill
+                    break
+    return rows
+
+
+class SampleWriter:
+    """Append-only rows with fsync per batch; on restart, rows of prompts left incomplete are
+    dropped (their batch is regenerated, identically, from its own seed)."""
+
+    def __init__(self, folder: Path, n_per_prompt: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.partial, self.final = folder / "samples.partial.jsonl", folder / "samples.jsonl"
+        rows = _read_partial(self.partial)
+        counts: dict[int, int] = {}
+        for r in rows:
+            counts[r["prompt_id"]] = counts.get(r["prompt_id"], 0) + 1
+        self.done = {pid for pid, c in counts.items() if c == n_per_prompt}
+        kept = [r for r in rows if r["prompt_id"] in self.done]
+        with open(self.partial, "w") as f:  # rewrite without any incomplete prompt
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self._f = open(self.partial, "a")  # noqa: SIM115  (held open while sampling)
+
+    def write(self, rows: list[dict]) -> None:
+        self._f.write("".join(json.dumps(r) + "\n" for r in rows))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.done.update(r["prompt_id"] for r in rows)
+
+    def finish(self) -> None:
+        self._f.close()
+        rows = sorted(_read_partial(self.partial), key=lambda r: (r["prompt_id"], r["sample"]))
+        tmp = self.final.with_name(".samples.jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, self.final)
+        self.partial.unlink()
+
+
+def run(cfg: DictConfig) -> None:
+    s = cfg.sample
+    out = job_dir()
+    run_path = run_dir(cfg)
+    if cfg.get("overwrite"):
+        import shutil
+        for item in out.iterdir():
+            if item.name != ".hydra" and not item.name.endswith(".log"):
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+    elif (out / LINEAGE).exists() and json.loads((out / LINEAGE).read_text()).get("config_hash") != config_hash(cfg):
+        raise UserError(f"{out} was sampled with a different config; use another job name or overwrite=true")
+    write_config(out, cfg)
+    policies = select(run_path, OmegaConf.to_container(s.policies) if OmegaConf.is_list(s.policies) else
+                      str(s.policies), bool(s.checkpoints), s.get("reference"))
+    # prompts are read with the first policy's tokenizer (token-length prefixes, chat templates)
+    prompts = load_rows(cfg.dataset, "prompts", str(s.split), run_path, load_tokenizer(policies[0].path))
+    if s.get("max_prompts"):
+        prompts = prompts[: int(s.max_prompts)]
+    device = torch.device("cuda" if str(cfg.hardware.device).startswith("cuda") and torch.cuda.is_available()
+                          else "cpu")
+    if cfg.hardware.get("num_threads"):
+        torch.set_num_threads(int(cfg.hardware.num_threads))
+    todo = [p for p in policies if not (policy_dir(out, p) / "samples.jsonl").exists()]
+    console.print(f"[bold]sample[/] {out}: {len(prompts)} prompts, {len(todo)} of {len(policies)} policies to do")
+    for policy in todo:
+        sample_policy(cfg, policy, prompts, policy_dir(out, policy), device)
+    index = {p.key: {**describe(p), "samples": str(policy_dir(out, p) / "samples.jsonl")} for p in policies}
+    write_json(out / "policies.json", index)
+    write_lineage(out, cfg, {"policies": {p.key: p.path for p in policies}, "dataset": str(cfg.dataset.name)},
+                  {"sampling": OmegaConf.to_container(s, resolve=True)})
+
+
+def sample_policy(cfg: DictConfig, policy: Policy, prompts: list[dict], folder: Path, device: torch.device) -> None:
+    s = cfg.sample
+    n = int(s.n_reference) if policy.is_reference and s.get("n_reference") else int(s.n)
+    tokenizer = load_tokenizer(policy.path)
+    dtype = str(cfg.model.dtype)
+    model = freeze(load_causal_lm(policy.path, dtype)).to(device)
+    reference = model if policy.is_reference else freeze(load_causal_lm(policy.reference, dtype)).to(device)
+    gen = generation_config(s, tokenizer)
+    ds = cfg.dataset
+    budget = min(int(ds.max_prompt_length), int(ds.max_length) - 1)
+    encoded = []
+    for i, row in enumerate(prompts):  # prompt ids exactly as training saw them (same truncation rule)
+        e = encode(tokenizer, row["prompt"], "x", max_length=budget + 1, max_prompt_length=budget,
+                   prompt_truncation=str(ds.get("prompt_truncation", "keep_end")),
+                   prompt_special_tokens=bool(ds.get("prompt_special_tokens", True)), add_eos=False)
+        encoded.append((i, e.ids[:e.prompt_len]))
+    order = sorted(encoded, key=lambda x: -len(x[1]))  # length-sorted batches: little padding
+    writer = SampleWriter(folder, n)
+    batch_size = int(s.batch_size)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    req = TokenRequest(temperature=float(s.temperature) if float(s.temperature) > 0 else 1.0,
+                       kl=bool(s.stats), reverse_kl=bool(s.stats), entropy=bool(s.stats))
+    bar = progress(tps="tok/s")
+    tokens, t0 = 0, time.perf_counter()
+    with bar:
+        task = bar.add_task(f"sample {policy.key}", total=len(prompts), tps="-")
+        bar.update(task, completed=len(writer.done))
+        for b, batch in enumerate(batches):
+            if all(pid in writer.done for pid, _ in batch):
+                continue
+            torch.manual_seed(int(s.seed) * 1_000_003 + b)  # per-batch seed: a restart regenerates identically
+            left = {k: v.to(device) for k, v in collate_left([ids for _, ids in batch], tokenizer.pad_token_id).items()}
+            with torch.no_grad():
+                generated = model.generate(**left, generation_config=gen, num_return_sequences=n)
+            new = generated[:, left["input_ids"].shape[1]:].cpu()
+            rows, seqs = [], []
+            for j in range(new.shape[0]):
+                pid, prompt_ids = batch[j // n]
+                ids = new[j].tolist()
+                finished = tokenizer.eos_token_id in ids
+                ids = ids[: ids.index(tokenizer.eos_token_id) + 1] if finished else ids
+                if not ids:  # max_new_tokens=0 or an immediate pad: keep the row, with no statistics
+                    ids = []
+                seqs.append(Encoded(tuple(prompt_ids) + tuple(ids), len(prompt_ids)))
+                text_ids = ids[:-1] if finished else ids
+                rows.append({"prompt_id": pid, "prompt": prompts[pid]["prompt"], "sample": j % n,
+                             "completion": tokenizer.decode(text_ids, skip_special_tokens=True),
+                             "completion_ids": ids, "n_tokens": len(ids), "finished": finished})
+            if s.stats:
+                _add_stats(rows, seqs, model, reference, tokenizer.pad_token_id, device, req)
+            rows = [r for r in rows if r["prompt_id"] not in writer.done]
+            writer.write(rows)
+            tokens += sum(r["n_tokens"] for r in rows)
+            bar.update(task, completed=len(writer.done), tps=f"{tokens / (time.perf_counter() - t0):,.0f}")
+    writer.finish()
+    meta = {"policy": describe(policy), "n": n, "prompts": len(prompts), "tokens_per_s": tokens / max(
+        time.perf_counter() - t0, 1e-9), "truncated_sampling": int(s.top_k) > 0 or float(s.top_p) < 1.0}
+    write_json(folder / "meta.json", meta)
+    console.print(f"  {policy.key}: {len(prompts)} prompts × {n} samples ({meta['tokens_per_s']:,.0f} tok/s)")
+
+
+@torch.no_grad()
+def _add_stats(rows: list[dict], seqs: list[Encoded], model, reference, pad: int, device, req: TokenRequest) -> None:
+    """Sequence log-probs under policy and reference, exact token-level KLs and entropy."""
+    has_tokens = [i for i, s in enumerate(seqs) if len(s.ids) > s.prompt_len]
+    for i in range(len(rows)):
+        rows[i].update({"logp_policy": 0.0, "logp_ref": 0.0, "kl_exact": 0.0, "kl_forward": 0.0, "entropy": 0.0})
+    if not has_tokens:
+        return
+    batch = {k: v.to(device) for k, v in collate([seqs[i] for i in has_tokens], pad).items()}
+    stats = sequence_stats(model, **batch, reference=reference, req=req, want_ref_logps=True, recompute=False)
+    for j, i in enumerate(has_tokens):
+        rows[i].update({"logp_policy": float(stats.logps[j]), "logp_ref": float(stats.ref_logps[j]),
+                        "kl_exact": float(stats.reverse_kl[j]), "kl_forward": float(stats.kl[j]),
+                        "entropy": float(stats.entropy[j])})
