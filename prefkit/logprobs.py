@@ -119,7 +119,10 @@ def _chunk_extras(z: Tensor, targets: Tensor, zr: Tensor | None, ref_logp_full: 
     if ref_logp_full is not None:
         out["ref_logps"] = ref_logp_full.gather(-1, targets[:, None]).squeeze(-1)
     for lam in req.mixtures:
-        mix = (lam * z.to(req.mixture_dtype) + (1.0 - lam) * zr.to(req.mixture_dtype))
+        # λ z + (1−λ) z_ref, written so that it is exactly z when the policy equals the reference
+        # (ε-DPO's strict comparisons must then all tie: every pair keeps β at step 0)
+        zm = z.to(req.mixture_dtype)
+        mix = zm + (lam - 1.0) * (zm - zr.to(req.mixture_dtype))
         mix_logp = mix.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(mix, dim=-1)
         out[f"mix{lam}"] = mix_logp
     return out
