@@ -151,3 +151,64 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_model(model_cfg, path: str, role: str = "policy", peft_cfg=None) -> nn.Module:
+    """The policy (trainable) or the frozen reference described by a model config; with a LoRA
+    config the policy gets its adapter (and, for QLoRA, a 4-bit base)."""
+    dtype = str(model_cfg.dtype if role == "policy" else model_cfg.reference_dtype)
+    trust = bool(model_cfg.get("trust_remote_code", False))
+    attn = model_cfg.get("attn_implementation")
+    if role == "policy" and peft_cfg is not None and peft_cfg.get("load_in_4bit"):
+        return _load_4bit(path, dtype, trust, attn, peft_cfg)
+    model = load_causal_lm(path, dtype, trust, attn)
+    if role == "policy" and peft_cfg is not None and str(peft_cfg.method) != "none":
+        model = apply_lora(model, peft_cfg)
+    return model
+
+
+def apply_lora(model: nn.Module, peft_cfg) -> nn.Module:
+    if str(peft_cfg.method) != "lora":
+        raise UserError(f"unknown peft.method '{peft_cfg.method}'; valid: none, lora")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("peft=lora needs the peft package: pip install 'prefkit[peft]'") from None
+    targets = peft_cfg.target_modules
+    targets = str(targets) if isinstance(targets, str) else list(targets)
+    config = LoraConfig(r=int(peft_cfg.r), lora_alpha=int(peft_cfg.alpha), lora_dropout=float(peft_cfg.dropout),
+                        target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _load_4bit(path: str, dtype: str, trust: bool, attn, peft_cfg) -> nn.Module:
+    if not torch.cuda.is_available():
+        raise UserError("peft=qlora loads the base model in 4 bits, which needs a CUDA GPU and bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch_dtype(dtype),
+                                                 trust_remote_code=trust, attn_implementation=attn)
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model)
+    disable_dropout(model)
+    return apply_lora(model, peft_cfg)
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def save_policy(lm: nn.Module, tokenizer, path: Path, final: bool = True) -> None:
+    """An HF model directory that `from_pretrained` loads. A LoRA policy is saved merged (plus
+    its adapter in adapter/); mid-training it is merged on a copy so training can go on."""
+    if is_peft(lm):
+        lm.save_pretrained(path / "adapter")
+        if not final:
+            import copy
+            lm = copy.deepcopy(lm)
+        lm = lm.merge_and_unload()
+    lm.save_pretrained(path)
+    tokenizer.save_pretrained(path)

@@ -10,6 +10,7 @@ changes them gets a new one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -53,22 +54,24 @@ def cache_key(groups: dict[str, list[list[Encoded]]], reference_path: str, dtype
 
 @torch.no_grad()
 def compute(reference: nn.Module, groups: list[list[Encoded]], pad_id: int, device: torch.device,
-            batch_size: int, temperature: float, chunk_size: int) -> Tensor:
-    """[n_groups, K] summed reference log-probs of every completion."""
+            batch_size: int, temperature: float, chunk_size: int, context=None) -> Tensor:
+    """[n_groups, K] summed reference log-probs of every completion (`context`: e.g. a LoRA
+    model's disable_adapter, to make the policy its own reference)."""
     k = len(groups[0])
     flat = [seq for group in groups for seq in group]
     out = torch.empty(len(flat), dtype=torch.float32)
     req = TokenRequest(temperature=temperature)
     for start in range(0, len(flat), batch_size):
         batch = {key: v.to(device) for key, v in collate(flat[start:start + batch_size], pad_id).items()}
-        stats = sequence_stats(reference, **batch, req=req, chunk_size=chunk_size, recompute=False)
+        with context() if context else contextlib.nullcontext():
+            stats = sequence_stats(reference, **batch, req=req, chunk_size=chunk_size, recompute=False)
         out[start:start + len(stats.logps)] = stats.logps.float().cpu()
     return out.view(len(groups), k)
 
 
 def load_or_compute(run: Path, key: str, groups: dict[str, list[list[Encoded]]], make_reference,
                     pad_id: int, device: torch.device, batch_size: int, temperature: float,
-                    chunk_size: int, is_main: bool = True) -> dict[str, Tensor]:
+                    chunk_size: int, is_main: bool = True, context=None) -> dict[str, Tensor]:
     from safetensors.torch import load_file, save_file
 
     path = run / "cache" / "ref_logps" / f"{key}.safetensors"
@@ -77,7 +80,7 @@ def load_or_compute(run: Path, key: str, groups: dict[str, list[list[Encoded]]],
         return load_file(str(path))
     reference = make_reference()
     console.print(f"reference log-probs: computing once for {sum(len(g) for g in groups.values())} groups -> {path}")
-    result = {split: compute(reference, g, pad_id, device, batch_size, temperature, chunk_size)
+    result = {split: compute(reference, g, pad_id, device, batch_size, temperature, chunk_size, context)
               for split, g in groups.items()}
     if is_main:
         path.parent.mkdir(parents=True, exist_ok=True)

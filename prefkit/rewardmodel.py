@@ -18,7 +18,7 @@ from torch import nn
 from prefkit.data import collate, encode, join_text
 from prefkit.errors import UserError
 from prefkit.logprobs import PolicyModule
-from prefkit.models import freeze, load_causal_lm, load_tokenizer
+from prefkit.models import freeze, load_causal_lm, load_tokenizer, save_policy
 
 REWARD_META = "reward.json"
 
@@ -26,8 +26,7 @@ REWARD_META = "reward.json"
 def save_reward_model(module: PolicyModule, tokenizer, path: Path, meta: dict) -> None:
     from prefkit.trainer import save_tensors
 
-    module.lm.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_policy(module.lm, tokenizer, path, final=True)
     save_tensors(dict(module.reward_head.state_dict()), path / "reward_head.safetensors")
     (path / REWARD_META).write_text(json.dumps(meta, indent=2))
 

@@ -135,7 +135,7 @@ class Trainer:
     n_train: int
     loss_fn: LossFn
     eval_fn: Callable[[], dict[str, float]] | None = None
-    save_fn: Callable[[Path], None] | None = None  # writes an HF model dir (checkpoints and final)
+    save_fn: Callable[[Path, bool], None] | None = None  # writes an HF model dir: (path, final?)
     stateful: dict[str, Stateful] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -163,6 +163,9 @@ class Trainer:
         acc = self.accelerator
         target = self.out / "checkpoints" / f"step-{self.step}"
         weights = acc.get_state_dict(self.model)  # gathers sharded (FSDP/ZeRO-3) weights on the main process
+        frozen = self._frozen_names()
+        if frozen:  # LoRA: the frozen base comes back from its own files; save only what trains
+            weights = {k: v for k, v in weights.items() if k not in frozen}
         stateful = {k: v.state_dict() for k, v in self.stateful.items()}
         if acc.is_main_process:
             with atomic_dir(target) as tmp:
@@ -171,12 +174,12 @@ class Trainer:
                 save_tensors({f"{k}/{n}": t for k, st in stateful.items() for n, t in st.items()
                               if isinstance(t, Tensor)}, tmp / "stateful.safetensors")
                 if self.save_fn and self.cfg.train.get("keep_checkpoints_after_training"):
-                    self.save_fn(tmp / "model")  # an HF model dir, so the checkpoint can be sampled
+                    self.save_fn(tmp / "model", False)  # an HF model dir, so the checkpoint can be sampled
                 torch.save({
                     "step": self.step, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row,
                     "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                    "rng": _rng_state(), "config_hash": config_hash(self.cfg),
+                    "rng": _rng_state(), "config_hash": config_hash(self.cfg), "partial_weights": bool(frozen),
                     "stateful": {k: {n: v for n, v in st.items() if not isinstance(v, Tensor)}
                                  for k, st in stateful.items()},
                 }, tmp / "trainer_state.pt")
@@ -196,7 +199,8 @@ class Trainer:
                             "or pass overwrite=true to start over")
         from safetensors.torch import load_file
 
-        load_tensors(self.accelerator.unwrap_model(self.model), load_file(ckpt / "weights.safetensors"))
+        load_tensors(self.accelerator.unwrap_model(self.model), load_file(ckpt / "weights.safetensors"),
+                     partial=state.get("partial_weights", False))
         tensors = load_file(ckpt / "stateful.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -210,6 +214,12 @@ class Trainer:
         _set_rng_state(state["rng"])
         console.print(f"resumed from {ckpt} (step {self.step}/{self.plan.total_steps})")
         return True
+
+    def _frozen_names(self) -> set[str]:
+        module = self.accelerator.unwrap_model(self.model)
+        names = {n for n, p in module.named_parameters() if not p.requires_grad}
+        buffers = {n for n, _ in module.named_buffers()}
+        return names | buffers if names else set()
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -350,7 +360,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process and self.save_fn:
             with atomic_dir(save_dir) as tmp:
-                self.save_fn(tmp)
+                self.save_fn(tmp, True)
         if self.accelerator.is_main_process and not self.cfg.train.get("keep_checkpoints_after_training", False):
             shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
         write_json(self.out / "plan.json", self.plan.__dict__) if self.accelerator.is_main_process else None
@@ -372,13 +382,15 @@ def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     save_file(unique, str(path))
 
 
-def load_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+def load_tensors(model: nn.Module, tensors: dict[str, Tensor], partial: bool = False) -> None:
     """Load a state dict saved by `save_tensors`: every parameter must come back, except tied
-    ones whose twin did."""
+    ones whose twin did (and, for `partial` checkpoints, the frozen ones)."""
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     params = dict(model.state_dict(keep_vars=True))
     loaded_ptrs = {params[n].data_ptr() for n in tensors if n in params}
-    untied_missing = [n for n in missing if params[n].data_ptr() not in loaded_ptrs]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    untied_missing = [n for n in missing if params[n].data_ptr() not in loaded_ptrs
+                      and (not partial or n in trainable)]
     if untied_missing or unexpected:
         raise UserError(f"checkpoint does not match the model (missing: {untied_missing[:3]}, "
                         f"unexpected: {list(unexpected)[:3]})")

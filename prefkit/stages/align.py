@@ -24,7 +24,7 @@ from prefkit.data import Encoded, collate, encode, encode_options
 from prefkit.datasets import load_rows
 from prefkit.errors import UserError
 from prefkit.logprobs import PolicyModule, reference_hidden
-from prefkit.models import freeze, load_causal_lm, load_tokenizer, resolve_model_path
+from prefkit.models import freeze, is_peft, load_model, load_tokenizer, resolve_model_path, save_policy
 from prefkit.objectives import Groups, Needs, build, sft_nll, trl_metrics
 from prefkit.rundir import job_input, require_job, run_dir, start_job, write_json, write_lineage
 from prefkit.trainer import Trainer, make_accelerator, save_tensors
@@ -95,23 +95,29 @@ def run(cfg: DictConfig) -> None:
 
     accelerator = make_accelerator(cfg.hardware)
     device = accelerator.device
-    lm = load_causal_lm(init_path, str(cfg.model.dtype), trust)
+    lm = load_model(cfg.model, init_path, "policy", cfg.peft)
     if cfg.hardware.get("gradient_checkpointing"):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = PolicyModule(lm, reward_head=needs.reward_head)
 
+    # The reference: the initial model, frozen; with LoRA, the policy itself with its adapter off.
+    lora = is_peft(lm)
+    ref_context = lm.disable_adapter if lora else None
+    ref_dtype = str(cfg.model.dtype if lora else cfg.model.reference_dtype)
+
     def make_reference():
-        return freeze(load_causal_lm(init_path, str(cfg.model.reference_dtype), trust)).to(device)
+        return lm.to(device) if lora else freeze(load_model(cfg.model, init_path, "reference")).to(device)
 
     reference, ref_cache = None, None
     use_cache = (needs.reference == "logps" and needs.cacheable and cfg.reference.cache is not False
                  and str(cfg.reference.cache) != "false")
     if use_cache:
-        key = refcache.cache_key(groups, init_path, str(cfg.model.reference_dtype), needs.tokens.temperature)
-        ref_cache = refcache.load_or_compute(
-            run, key, groups, make_reference, tokenizer.pad_token_id, device,
-            int(cfg.hardware.micro_batch_size) * 4, needs.tokens.temperature, int(cfg.hardware.logprob_chunk),
-            accelerator.is_main_process)
+        key = refcache.cache_key(groups, init_path, ref_dtype, needs.tokens.temperature)
+        with accelerator.main_process_first():  # one process computes, the others read its file
+            ref_cache = refcache.load_or_compute(
+                run, key, groups, make_reference, tokenizer.pad_token_id, device,
+                int(cfg.hardware.micro_batch_size) * 4, needs.tokens.temperature, int(cfg.hardware.logprob_chunk),
+                accelerator.is_main_process, context=ref_context)
         inputs["reference_logps_cache"] = key
     elif needs.reference != "none":
         reference = make_reference()
@@ -128,7 +134,7 @@ def run(cfg: DictConfig) -> None:
         b, k = len(indices), len(groups[split][indices[0]])
         ref = None
         if reference is not None:
-            ref = reference_hidden(reference, **batch)
+            ref = reference_hidden(reference, **batch, context=ref_context)
         stats, reward_pred = trainer.model(**batch, reference=ref, req=needs.tokens, chunk_size=chunk,
                                            recompute=recompute)
 
@@ -164,16 +170,14 @@ def run(cfg: DictConfig) -> None:
         for start in range(0, n, mb):
             idx = list(range(start, min(n, start + mb)))
             loss, metrics = forward("eval", idx, False)
-            metrics["loss"] = loss
-            for key, val in metrics.items():
+            for key, val in {"loss": loss, **metrics}.items():
                 if key != "num_tokens":
                     sums[key] += float(val) * len(idx) / n
         return {f"eval_{k}": v for k, v in sums.items()}
 
-    def save_fn(path: Path) -> None:
+    def save_fn(path: Path, final: bool) -> None:
         module = accelerator.unwrap_model(trainer.model)
-        module.lm.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        save_policy(module.lm, tokenizer, path, final)
         if module.reward_head is not None:
             save_tensors(dict(module.reward_head.state_dict()), path / "reward_head.safetensors")
 

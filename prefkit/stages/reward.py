@@ -24,7 +24,7 @@ from prefkit.data import collate, encode_options
 from prefkit.datasets import load_rows
 from prefkit.errors import UserError
 from prefkit.logprobs import PolicyModule
-from prefkit.models import load_causal_lm, load_tokenizer
+from prefkit.models import load_model, load_tokenizer
 from prefkit.objectives import Needs
 from prefkit.rewardmodel import save_reward_model
 from prefkit.rundir import run_dir, start_job, write_json, write_lineage
@@ -81,8 +81,7 @@ def train_member(cfg: DictConfig, member: int, members: int, out: Path, init_pat
     member_out = out if members == 1 else out / f"member-{member}"
     device, pad = accelerator.device, tokenizer.pad_token_id
     torch.manual_seed(int(cfg.seed) + member)  # a different head initialisation per member
-    module = PolicyModule(load_causal_lm(init_path, str(cfg.model.dtype), bool(cfg.model.trust_remote_code)),
-                          reward_head=True)
+    module = PolicyModule(load_model(cfg.model, init_path, "policy", cfg.peft), reward_head=True)
 
     def forward(split: str, indices: list[int]):
         seqs = [s for i in indices for s in groups[split][i]]
@@ -101,13 +100,12 @@ def train_member(cfg: DictConfig, member: int, members: int, out: Path, init_pat
         for start in range(0, n, mb):
             idx = list(range(start, min(n, start + mb)))
             loss, metrics = forward("eval", idx)
-            metrics["loss"] = loss
-            for key, val in metrics.items():
+            for key, val in {"loss": loss, **metrics}.items():
                 if key != "num_tokens":
                     sums[f"eval_{key}"] += float(val) * len(idx) / n
         return dict(sums)
 
-    def save_fn(path: Path) -> None:
+    def save_fn(path: Path, final: bool) -> None:
         save_reward_model(accelerator.unwrap_model(trainer.model), tokenizer, path,
                           {"kind": str(cfg.reward.kind), "encode_options": encode_options(cfg.dataset),
                            "member": member, "members": members})

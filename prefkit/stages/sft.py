@@ -16,7 +16,7 @@ from prefkit.console import console
 from prefkit.data import Encoded, collate, encode, encode_options
 from prefkit.datasets import load_rows
 from prefkit.logprobs import PolicyModule
-from prefkit.models import load_causal_lm, load_tokenizer, resolve_model_path
+from prefkit.models import load_model, load_tokenizer, resolve_model_path, save_policy
 from prefkit.rundir import run_dir, start_job, write_json, write_lineage
 from prefkit.trainer import Trainer, make_accelerator
 
@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> None:
     train = encode_rows(load_rows(cfg.dataset, "sft", "train", run, tokenizer), tokenizer, cfg.dataset, "train")
     held_out = encode_rows(load_rows(cfg.dataset, "sft", "eval", run, tokenizer), tokenizer, cfg.dataset, "eval")
     accelerator = make_accelerator(cfg.hardware)
-    lm = load_causal_lm(base, str(cfg.model.dtype), bool(cfg.model.trust_remote_code))
+    lm = load_model(cfg.model, base, "policy", cfg.peft)
     if cfg.hardware.get("gradient_checkpointing"):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pad = tokenizer.pad_token_id
@@ -73,9 +73,8 @@ def run(cfg: DictConfig) -> None:
         loss = total / max(count, 1)
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
 
-    def save_fn(path: Path) -> None:
-        accelerator.unwrap_model(trainer.model).lm.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+    def save_fn(path: Path, final: bool) -> None:
+        save_policy(accelerator.unwrap_model(trainer.model).lm, tokenizer, path, final)
 
     trainer = Trainer(cfg, out, PolicyModule(lm), accelerator, len(train), loss_fn, eval_fn, save_fn)
     final = trainer.fit()
