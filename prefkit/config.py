@@ -171,6 +171,10 @@ def _explain(stage: str, overrides: list[str], err: Exception) -> str:
         if "Value '" in text or "could not be converted" in text:
             detail = [ln.strip() for ln in text.splitlines() if "Value '" in ln or "converted" in ln]
             return f"bad value for {key}: {detail[0] if detail else text.splitlines()[0]}"
+        if parent and not valid:  # the section itself does not exist in this stage
+            top = _valid_keys(stage, overrides, key, "")
+            return (f"{key} is not an option of {stage}: it has no section '{parent.split('.')[0]}' "
+                    f"(its sections and keys: {', '.join(k for k in top if k != 'hydra')})")
         where = f"under {parent}" if parent else "at the top level"
         return (f"{key} is not an option of {stage}{hint}; valid keys {where}: {', '.join(valid)}. "
                 f"To add a new key use +{key}=...")

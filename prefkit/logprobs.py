@@ -66,9 +66,10 @@ class Head:
     bias: Tensor | None = None
     scale: float = 1.0
     softcap: float | None = None
+    module: nn.Module | None = None  # when set, called instead of F.linear (sharding engines hook the call)
 
     def __call__(self, hidden: Tensor) -> Tensor:
-        logits = F.linear(hidden, self.weight, self.bias)
+        logits = self.module(hidden) if self.module is not None else F.linear(hidden, self.weight, self.bias)
         if self.scale != 1.0:
             logits = logits * self.scale
         if self.softcap:
@@ -81,7 +82,7 @@ class Head:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         scale = getattr(config, "logit_scale", None) or 1.0
         return cls(linear.weight, getattr(linear, "bias", None), float(scale),
-                   getattr(config, "final_logit_softcapping", None))
+                   getattr(config, "final_logit_softcapping", None), linear)
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -92,6 +93,20 @@ def backbone(model: nn.Module) -> nn.Module:
 
 
 # --- per-chunk maths ---------------------------------------------------------------------------
+
+def _ref_chunk(sl: slice, temperature: float, ref_hidden: Tensor | None, ref_head: Head | None,
+               ref_logprobs: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(reference logits, reference log-softmax) of one chunk, from the reference's hidden states
+    and head, or from log-softmax rows computed beforehand (sharded engines). Log-softmax rows
+    serve as logits too: a per-position constant cancels wherever logits are used (mixtures)."""
+    if ref_logprobs is not None:
+        rows = _f32(ref_logprobs[sl])
+        return rows, rows
+    if ref_head is None:
+        return None, None
+    zr = _f32(ref_head(ref_hidden[sl])) / temperature
+    return zr, torch.log_softmax(zr, dim=-1)
+
 
 def _chunk_differentiable(z: Tensor, targets: Tensor, ref_logp_full: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """log π(y) and (if a reference is given) KL(π_ref ‖ π), from float32 logits z of one chunk."""
@@ -134,8 +149,9 @@ class _RecomputedTokenStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, targets, ref_hidden, head, ref_head, temperature, want_kl, chunk, req, extras_out,
-                *head_params):
+                ref_logprobs, *head_params):
         ctx.head, ctx.ref_head, ctx.temperature, ctx.want_kl, ctx.chunk = head, ref_head, temperature, want_kl, chunk
+        ctx.ref_logprobs = ref_logprobs
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type),
                         torch.get_autocast_dtype(hidden.device.type), hidden.device.type)
         ctx.save_for_backward(hidden, targets, ref_hidden if ref_hidden is not None else hidden.new_empty(0))
@@ -143,10 +159,7 @@ class _RecomputedTokenStats(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
             z = _f32(head(hidden[sl])) / temperature
-            zr = ref_logp_full = None
-            if ref_head is not None:
-                zr = _f32(ref_head(ref_hidden[sl])) / temperature
-                ref_logp_full = torch.log_softmax(zr, dim=-1)
+            zr, ref_logp_full = _ref_chunk(sl, temperature, ref_hidden, ref_head, ref_logprobs)
             lp, kl = _chunk_differentiable(z, targets[sl], ref_logp_full if want_kl else None)
             logps.append(lp)
             if want_kl:
@@ -173,7 +186,7 @@ class _RecomputedTokenStats(torch.autograd.Function):
                 ref_logp_full = None
                 if ctx.want_kl:
                     with torch.no_grad():
-                        ref_logp_full = torch.log_softmax(_f32(ref_head(ref_hidden[sl])) / ctx.temperature, -1)
+                        ref_logp_full = _ref_chunk(sl, ctx.temperature, ref_hidden, ref_head, ctx.ref_logprobs)[1]
                 z = _f32(head(h)) / ctx.temperature
                 lp, kl = _chunk_differentiable(z, targets[sl], ref_logp_full)
                 total = (grad_logp[sl] * lp).sum()
@@ -185,33 +198,32 @@ class _RecomputedTokenStats(torch.autograd.Function):
                 if g is not None:
                     grad_params[id(p)] += g
         # One gradient slot per forward input: hidden, targets, ref_hidden, head, ref_head, temperature,
-        # want_kl, chunk, req, extras_out, *head_params.
+        # want_kl, chunk, req, extras_out, ref_logprobs, *head_params.
         param_grads = [grad_params.get(id(p)) for p in params]
-        return (grad_hidden, None, None, None, None, None, None, None, None, None, *param_grads)
+        return (grad_hidden, None, None, None, None, None, None, None, None, None, None, *param_grads)
 
 
 def token_stats(hidden: Tensor, targets: Tensor, head: Head, *, ref_hidden: Tensor | None = None,
-                ref_head: Head | None = None, req: TokenRequest = TokenRequest(), chunk_size: int = 4096,
+                ref_head: Head | None = None, ref_logprobs: Tensor | None = None,
+                req: TokenRequest = TokenRequest(), chunk_size: int = 4096,
                 recompute: bool = True) -> dict[str, Tensor]:
-    """Per-token statistics for response hidden states [M, H] and their next tokens [M]."""
+    """Per-token statistics for response hidden states [M, H] and their next tokens [M]. The
+    reference comes as its hidden states and head, or as log-softmax rows [M, V]."""
     want_kl = req.kl
-    if (want_kl or req.needs_reference_logits) and ref_head is None:
+    if (want_kl or req.needs_reference_logits) and ref_head is None and ref_logprobs is None:
         raise ValueError("this request needs the reference model's logits")
     extras: dict[str, list[Tensor]] = {}
     if recompute:
         params = [p for p in (head.weight, head.bias) if p is not None]
         logp, kl = _RecomputedTokenStats.apply(hidden, targets, ref_hidden, head, ref_head, req.temperature,
-                                               want_kl, chunk_size, req, extras, *params)
+                                               want_kl, chunk_size, req, extras, ref_logprobs, *params)
     else:
         logps, kls = [], []
         for start in range(0, hidden.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
             z = _f32(head(hidden[sl])) / req.temperature
-            zr = ref_logp_full = None
-            if ref_head is not None:
-                with torch.no_grad():
-                    zr = _f32(ref_head(ref_hidden[sl])) / req.temperature
-                    ref_logp_full = torch.log_softmax(zr, dim=-1)
+            with torch.no_grad():
+                zr, ref_logp_full = _ref_chunk(sl, req.temperature, ref_hidden, ref_head, ref_logprobs)
             lp, k = _chunk_differentiable(z, targets[sl], ref_logp_full if want_kl else None)
             logps.append(lp)
             kls.append(k)
@@ -242,10 +254,13 @@ def final_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) ->
 
 @dataclass
 class Reference:
-    """The reference's final hidden states at the response positions, and its LM head."""
+    """What the policy's statistics need from the reference at the response positions: its final
+    hidden states and LM head (recomputed chunk by chunk), or, under a sharding engine whose
+    weights exist only inside a forward, its log-softmax rows computed there."""
 
-    hidden: Tensor  # [M, H]
-    head: Head
+    hidden: Tensor | None = None  # [M, H]
+    head: Head | None = None
+    logprobs: Tensor | None = None  # [M, V] log-softmax (at the loss temperature)
 
 
 @torch.no_grad()
@@ -261,6 +276,26 @@ def reference_hidden(reference: nn.Module, input_ids: Tensor, attention_mask: Te
     return Reference(hidden, detached)
 
 
+class ReferenceModule(nn.Module):
+    """The frozen reference as a module, for sharding engines (FSDP, DeepSpeed ZeRO-3): its
+    forward gathers the weights, so everything that needs them happens inside it and it returns
+    log-softmax rows at the response positions (at the loss's temperature), chunk by chunk."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, temperature: float = 1.0,
+                chunk_size: int = 4096) -> Reference:
+        rows, cols, _ = response_positions(labels)
+        hidden = final_hidden(self.lm, input_ids, attention_mask)[rows, cols]
+        head = Head.of(self.lm)
+        out = torch.cat([torch.log_softmax(_f32(head(hidden[s:s + chunk_size])) / temperature, dim=-1)
+                         for s in range(0, hidden.shape[0], chunk_size)])
+        return Reference(logprobs=out)
+
+
 def stats_from_hidden(hidden: Tensor, model: nn.Module, attention_mask: Tensor, labels: Tensor, *,
                       reference: Reference | None = None, req: TokenRequest = TokenRequest(),
                       chunk_size: int = 4096, recompute: bool = True) -> SequenceStats:
@@ -269,7 +304,8 @@ def stats_from_hidden(hidden: Tensor, model: nn.Module, attention_mask: Tensor, 
     rows, cols, targets = response_positions(labels)
     per_token = token_stats(hidden[rows, cols], targets, Head.of(model),
                             ref_hidden=reference.hidden if reference else None,
-                            ref_head=reference.head if reference else None, req=req,
+                            ref_head=reference.head if reference else None,
+                            ref_logprobs=reference.logprobs if reference else None, req=req,
                             chunk_size=chunk_size, recompute=recompute)
 
     def seq_sum(values: Tensor) -> Tensor:

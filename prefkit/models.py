@@ -201,9 +201,17 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
 
-def save_policy(lm: nn.Module, tokenizer, path: Path, final: bool = True) -> None:
+def save_policy(lm: nn.Module, tokenizer, path: Path, final: bool = True, state: dict | None = None,
+                prefix: str = "lm.") -> None:
     """An HF model directory that `from_pretrained` loads. A LoRA policy is saved merged (plus
-    its adapter in adapter/); mid-training it is merged on a copy so training can go on."""
+    its adapter in adapter/); mid-training it is merged on a copy so training can go on.
+    `state`: the full state dict a sharding engine gathered (keys under `prefix`)."""
+    if state is not None:
+        if is_peft(lm):
+            raise UserError("LoRA under FSDP/DeepSpeed is not supported")
+        lm.save_pretrained(path, state_dict={k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        tokenizer.save_pretrained(path)
+        return
     if is_peft(lm):
         lm.save_pretrained(path / "adapter")
         if not final:

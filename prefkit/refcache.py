@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from prefkit.console import console
 from prefkit.data import Encoded, collate
-from prefkit.logprobs import TokenRequest, sequence_stats
+from prefkit.logprobs import ReferenceModule, TokenRequest, response_positions, sequence_stats
 
 
 def model_fingerprint(path: str) -> str:
@@ -64,9 +64,18 @@ def compute(reference: nn.Module, groups: list[list[Encoded]], pad_id: int, devi
     for start in range(0, len(flat), batch_size):
         batch = {key: v.to(device) for key, v in collate(flat[start:start + batch_size], pad_id).items()}
         with context() if context else contextlib.nullcontext():
-            stats = sequence_stats(reference, **batch, req=req, chunk_size=chunk_size, recompute=False)
-        out[start:start + len(stats.logps)] = stats.logps.float().cpu()
+            logps = _sequence_logps(reference, batch, req, chunk_size)
+        out[start:start + len(logps)] = logps.float().cpu()
     return out.view(len(groups), k)
+
+
+def _sequence_logps(reference: nn.Module, batch: dict, req: TokenRequest, chunk_size: int) -> Tensor:
+    if isinstance(getattr(reference, "module", reference), ReferenceModule):  # sharded: rows from its forward
+        ref = reference(**batch, temperature=req.temperature, chunk_size=chunk_size)
+        rows, _, targets = response_positions(batch["labels"])
+        token = ref.logprobs.gather(-1, targets[:, None]).squeeze(-1).float()
+        return torch.zeros(batch["labels"].shape[0], device=token.device).index_add(0, rows, token)
+    return sequence_stats(reference, **batch, req=req, chunk_size=chunk_size, recompute=False).logps
 
 
 def load_or_compute(run: Path, key: str, groups: dict[str, list[list[Encoded]]], make_reference,

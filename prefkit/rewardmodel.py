@@ -23,11 +23,14 @@ from prefkit.models import freeze, load_causal_lm, load_tokenizer, save_policy
 REWARD_META = "reward.json"
 
 
-def save_reward_model(module: PolicyModule, tokenizer, path: Path, meta: dict) -> None:
+def save_reward_model(module: PolicyModule, tokenizer, path: Path, meta: dict, state: dict | None = None) -> None:
+    """`state`: the full state dict gathered from a sharding engine, if any."""
     from prefkit.trainer import save_tensors
 
-    save_policy(module.lm, tokenizer, path, final=True)
-    save_tensors(dict(module.reward_head.state_dict()), path / "reward_head.safetensors")
+    save_policy(module.lm, tokenizer, path, final=True, state=state)
+    head = ({k[len("reward_head."):]: v for k, v in state.items() if k.startswith("reward_head.")} if state
+            else dict(module.reward_head.state_dict()))
+    save_tensors(head, path / "reward_head.safetensors")
     (path / REWARD_META).write_text(json.dumps(meta, indent=2))
 
 

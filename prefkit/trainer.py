@@ -49,7 +49,10 @@ class Stateful:
         """Called when a step is skipped for a non-finite loss (drop accumulated statistics)."""
 
 
-def make_accelerator(hardware: DictConfig):
+def make_accelerator(hardware: DictConfig, model_cfg: DictConfig | None = None, train: DictConfig | None = None):
+    """An Accelerator for the hardware config. DDP needs nothing but the launcher (accelerate
+    launch / torchrun); FSDP and DeepSpeed ZeRO get their plugin from hardware.fsdp /
+    hardware.deepspeed (the block to wrap from the model config)."""
     from accelerate import Accelerator
 
     precision = {"fp32": "no", "float32": "no", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
@@ -58,7 +61,43 @@ def make_accelerator(hardware: DictConfig):
         raise UserError(f"unknown hardware.precision '{hardware.precision}'; valid: fp32, bf16, fp16")
     if hardware.get("num_threads"):
         torch.set_num_threads(int(hardware.num_threads))
-    return Accelerator(cpu=str(hardware.device) == "cpu", mixed_precision=precision)
+    kwargs: dict[str, Any] = {}
+    distributed = str(hardware.get("distributed", "none"))
+    if distributed == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        f = hardware.fsdp
+        block = model_cfg.get("fsdp_block") if model_cfg is not None else None
+        if not block:
+            raise UserError("hardware=fsdp needs model.fsdp_block (the transformer block class to wrap)")
+        version = int(f.get("version", 2))
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=version, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[str(block)],
+            reshard_after_forward=bool(f.reshard_after_forward), cpu_offload=bool(f.cpu_offload),
+            activation_checkpointing=bool(f.activation_checkpointing), state_dict_type="FULL_STATE_DICT",
+            **({"use_orig_params": True} if version == 1 else {}))
+    elif distributed == "deepspeed":
+        from accelerate.utils import DeepSpeedPlugin
+
+        d = hardware.deepspeed
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+            zero_stage=int(d.zero_stage), offload_optimizer_device=str(d.offload_optimizer),
+            offload_param_device=str(d.offload_param), zero3_init_flag=False, zero3_save_16bit_model=True,
+            gradient_clipping=float(train.max_grad_norm) if train is not None and train.get("max_grad_norm") else None)
+    elif distributed not in ("none", "ddp"):
+        raise UserError(f"unknown hardware.distributed '{distributed}'; valid: none, ddp, fsdp, deepspeed")
+    acc = Accelerator(cpu=str(hardware.device) == "cpu", mixed_precision=precision, **kwargs)
+    if distributed in ("fsdp", "deepspeed") and acc.num_processes == 1 and str(hardware.device) == "cpu":
+        raise UserError(f"hardware.distributed={distributed} needs GPUs and a launcher "
+                        "(accelerate launch --num_processes N -m prefkit.cli ...)")
+    return acc
+
+
+def is_sharded(accelerator) -> bool:
+    """FSDP or DeepSpeed: parameters exist whole only inside a module's forward."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def _optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
@@ -135,7 +174,8 @@ class Trainer:
     n_train: int
     loss_fn: LossFn
     eval_fn: Callable[[], dict[str, float]] | None = None
-    save_fn: Callable[[Path, bool], None] | None = None  # writes an HF model dir: (path, final?)
+    # writes an HF model dir: (path, final?, full state dict gathered from a sharded engine or None)
+    save_fn: Callable[[Path, bool, dict | None], None] | None = None
     stateful: dict[str, Stateful] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -162,27 +202,36 @@ class Trainer:
     def save_checkpoint(self) -> None:
         acc = self.accelerator
         target = self.out / "checkpoints" / f"step-{self.step}"
-        weights = acc.get_state_dict(self.model)  # gathers sharded (FSDP/ZeRO-3) weights on the main process
+        weights = acc.get_state_dict(self.model)  # a collective under FSDP/ZeRO-3: every process takes part
         frozen = self._frozen_names()
         if frozen:  # LoRA: the frozen base comes back from its own files; save only what trains
             weights = {k: v for k, v in weights.items() if k not in frozen}
         stateful = {k: v.state_dict() for k, v in self.stateful.items()}
+        staging = target.with_name(f".{target.name}.tmp")
+        sharded = is_sharded(acc)
+        if sharded:  # sharded optimizer state: the engine writes it, every process its part
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(staging / "engine"))
         if acc.is_main_process:
-            with atomic_dir(target) as tmp:
-                save_tensors(weights, tmp / "weights.safetensors")
-                # Tensors of stateful objects (e.g. TR-DPO's moving reference) go to safetensors too.
-                save_tensors({f"{k}/{n}": t for k, st in stateful.items() for n, t in st.items()
-                              if isinstance(t, Tensor)}, tmp / "stateful.safetensors")
-                if self.save_fn and self.cfg.train.get("keep_checkpoints_after_training"):
-                    self.save_fn(tmp / "model", False)  # an HF model dir, so the checkpoint can be sampled
-                torch.save({
-                    "step": self.step, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row,
-                    "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                    "rng": _rng_state(), "config_hash": config_hash(self.cfg), "partial_weights": bool(frozen),
-                    "stateful": {k: {n: v for n, v in st.items() if not isinstance(v, Tensor)}
-                                 for k, st in stateful.items()},
-                }, tmp / "trainer_state.pt")
+            staging.mkdir(parents=True, exist_ok=True)
+            save_tensors(weights, staging / "weights.safetensors")
+            # Tensors of stateful objects (e.g. TR-DPO's moving reference) go to safetensors too.
+            save_tensors({f"{k}/{n}": t for k, st in stateful.items() for n, t in st.items()
+                          if isinstance(t, Tensor)}, staging / "stateful.safetensors")
+            if self.save_fn and self.cfg.train.get("keep_checkpoints_after_training"):
+                self.save_fn(staging / "model", False, weights if sharded else None)  # sampleable checkpoint
+            torch.save({
+                "step": self.step, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row,
+                "tokens": self.tokens, "optimizer": None if sharded else self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                "rng": _rng_state(), "config_hash": config_hash(self.cfg), "partial_weights": bool(frozen),
+                "stateful": {k: {n: v for n, v in st.items() if not isinstance(v, Tensor)}
+                             for k, st in stateful.items()},
+            }, staging / "trainer_state.pt")
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)  # the checkpoint exists only once complete
             keep = int(self.cfg.train.get("keep_checkpoints", 2))
             for old in self._checkpoints()[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
@@ -199,10 +248,13 @@ class Trainer:
                             "or pass overwrite=true to start over")
         from safetensors.torch import load_file
 
-        load_tensors(self.accelerator.unwrap_model(self.model), load_file(ckpt / "weights.safetensors"),
-                     partial=state.get("partial_weights", False))
+        if state["optimizer"] is None:  # written by a sharding engine: it restores weights and optimizer
+            self.accelerator.load_state(str(ckpt / "engine"))
+        else:
+            load_tensors(self.accelerator.unwrap_model(self.model), load_file(ckpt / "weights.safetensors"),
+                         partial=state.get("partial_weights", False))
+            self.optimizer.load_state_dict(state["optimizer"])
         tensors = load_file(ckpt / "stateful.safetensors")
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.skipped = state["step"], state["skipped"]
@@ -318,8 +370,9 @@ class Trainer:
                 bar.update(task, completed=self.step, loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
                 if self.step % log_every == 0 or self.step == plan.total_steps:
                     means = {k: float(np.mean(v)) for k, v in window.items()}
+                    means["skipped_steps"] = float(self.skipped)  # a running count, not a mean
                     emit({"step": self.step, "epoch": self.step / plan.steps_per_epoch, "lr": lr,
-                          "tokens": self.tokens, "tokens_per_s": tps, **{f"train/{k}": v for k, v in means.items()}})
+                          "tokens": self.tokens, "tokens_per_s": tps, **means})
                     window.clear()
                 if self.eval_fn and eval_every and (self.step % eval_every == 0 or self.step == plan.total_steps):
                     last_eval = self._evaluate()
@@ -333,8 +386,8 @@ class Trainer:
             metrics_log.close()
         if wandb_run:
             wandb_run.finish()
-        return {**last_eval, "train/skipped_steps": float(self.skipped), "train/steps": float(self.step),
-                "train/tokens": float(self.tokens)}
+        return {**last_eval, "skipped_steps": float(self.skipped), "steps": float(self.step),
+                "tokens": float(self.tokens)}
 
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()
@@ -358,9 +411,10 @@ class Trainer:
     def finalize(self, save_dir: Path) -> None:
         """Write the final model (atomically) and drop the now-redundant checkpoints."""
         self.accelerator.wait_for_everyone()
+        full = self.accelerator.get_state_dict(self.model) if is_sharded(self.accelerator) else None
         if self.accelerator.is_main_process and self.save_fn:
             with atomic_dir(save_dir) as tmp:
-                self.save_fn(tmp, True)
+                self.save_fn(tmp, True, full)
         if self.accelerator.is_main_process and not self.cfg.train.get("keep_checkpoints_after_training", False):
             shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
         write_json(self.out / "plan.json", self.plan.__dict__) if self.accelerator.is_main_process else None
@@ -402,3 +456,34 @@ class _nullctx:
 
     def __exit__(self, *exc):
         return False
+
+
+def prepare_reference(accelerator, module: nn.Module, hardware: DictConfig, model_cfg: DictConfig) -> nn.Module:
+    """Place the frozen reference for the engine in use: as is (one device, DDP: no gradients, so
+    nothing to synchronise), sharded block by block with FSDP2's fully_shard (hardware=fsdp), or in
+    a DeepSpeed ZeRO-3 inference engine (hardware=deepspeed_zero3), so that it costs each GPU
+    only its shard. Its forward then gathers the weights (prefkit.logprobs.ReferenceModule)."""
+    from accelerate.utils import DistributedType
+
+    module.eval()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import fully_shard
+
+        block = str(model_cfg.fsdp_block)
+        module.to(accelerator.device)
+        for sub in module.modules():
+            if type(sub).__name__ == block:
+                fully_shard(sub)
+        return fully_shard(module)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        config = {"train_micro_batch_size_per_gpu": ds.get("train_micro_batch_size_per_gpu", 1),
+                  "zero_optimization": {"stage": 3 if ds["zero_optimization"]["stage"] == 3 else 0},
+                  "bf16": {"enabled": str(hardware.precision) in ("bf16", "bfloat16")},
+                  "fp16": {"enabled": str(hardware.precision) in ("fp16", "float16")}}
+        engine, *_ = deepspeed.initialize(model=module, config=config)
+        engine.eval()
+        return engine
+    return module.to(accelerator.device)

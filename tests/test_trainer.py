@@ -84,7 +84,7 @@ def test_a_nonfinite_loss_skips_the_step_and_is_counted(tmp_path):
     trainer = _setup(tmp_path, _cfg(max_steps=4, save_every=0), poison={3})  # call 3 = step 2's first half
     result = trainer.fit()
     assert trainer.step == 4 and trainer.skipped == 1  # 5 attempts, one skipped
-    assert result["train/skipped_steps"] == 1.0
+    assert result["skipped_steps"] == 1.0
     assert all(torch.isfinite(v).all() for v in _weights(trainer).values())
 
 

@@ -9,6 +9,8 @@ Writes <run>/align/<job>/model (plus reward_head.safetensors for DRDO) and summa
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -23,11 +25,11 @@ from prefkit.console import console
 from prefkit.data import Encoded, collate, encode, encode_options
 from prefkit.datasets import load_rows
 from prefkit.errors import UserError
-from prefkit.logprobs import PolicyModule, reference_hidden
+from prefkit.logprobs import PolicyModule, ReferenceModule, reference_hidden
 from prefkit.models import freeze, is_peft, load_model, load_tokenizer, resolve_model_path, save_policy
 from prefkit.objectives import Groups, Needs, build, sft_nll, trl_metrics
 from prefkit.rundir import job_input, require_job, run_dir, start_job, write_json, write_lineage
-from prefkit.trainer import Trainer, make_accelerator, save_tensors
+from prefkit.trainer import Trainer, is_sharded, make_accelerator, prepare_reference, save_tensors
 
 log = logging.getLogger("prefkit")
 
@@ -72,10 +74,13 @@ def row_rewards(rows: list[dict]) -> Tensor | None:
     return None
 
 
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> float | None:
+    """Returns the held-out loss (the value Hydra's Optuna sweeper minimises)."""
     out = start_job(cfg)
     if out is None:
-        return
+        from prefkit.rundir import job_dir
+        summary = job_dir() / "summary.json"
+        return json.loads(summary.read_text()).get("eval_loss") if summary.exists() else None
     torch.manual_seed(int(cfg.seed))
     run = run_dir(cfg)
     objective, sft_weight = build(OmegaConf.to_container(cfg.objective, resolve=True))
@@ -93,39 +98,57 @@ def run(cfg: DictConfig) -> None:
     if needs.group_size is None and len(groups["train"][0]) < 2:
         raise UserError(f"{objective.name} needs at least two completions per prompt")
 
-    accelerator = make_accelerator(cfg.hardware)
+    accelerator = make_accelerator(cfg.hardware, cfg.model, cfg.train)
     device = accelerator.device
     lm = load_model(cfg.model, init_path, "policy", cfg.peft)
     if cfg.hardware.get("gradient_checkpointing"):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = PolicyModule(lm, reward_head=needs.reward_head)
 
-    # The reference: the initial model, frozen; with LoRA, the policy itself with its adapter off.
-    lora = is_peft(lm)
+    # The reference: the initial model, frozen; with LoRA, the policy itself with its adapter off;
+    # under FSDP/ZeRO-3, a sharded module whose forward returns what the loss needs.
+    lora, sharded = is_peft(lm), is_sharded(accelerator)
+    if lora and sharded:
+        raise UserError("peft=lora under FSDP/DeepSpeed is not supported; use hardware=gpu or hardware=ddp")
     ref_context = lm.disable_adapter if lora else None
     ref_dtype = str(cfg.model.dtype if lora else cfg.model.reference_dtype)
+    chunk = int(cfg.hardware.logprob_chunk)
+    temperature = needs.tokens.temperature
 
     def make_reference():
-        return lm.to(device) if lora else freeze(load_model(cfg.model, init_path, "reference")).to(device)
+        if lora:
+            return lm.to(device)
+        ref_lm = freeze(load_model(cfg.model, init_path, "reference"))
+        return prepare_reference(accelerator, ReferenceModule(ref_lm), cfg.hardware, cfg.model) if sharded \
+            else ref_lm.to(device)
 
     reference, ref_cache = None, None
-    use_cache = (needs.reference == "logps" and needs.cacheable and cfg.reference.cache is not False
-                 and str(cfg.reference.cache) != "false")
+    cache_setting = str(cfg.reference.cache).lower()
+    if cache_setting not in ("auto", "true", "false"):
+        raise UserError(f"reference.cache must be auto, true or false, not '{cfg.reference.cache}'")
+    cacheable = needs.reference == "logps" and needs.cacheable
+    if cache_setting == "true" and not cacheable:
+        why = "needs no reference" if needs.reference == "none" else (
+            "needs the reference's full distribution" if needs.reference == "logits" else "moves its reference")
+        raise UserError(f"reference.cache=true, but {objective.name} {why}: its reference cannot be precomputed")
+    use_cache = cacheable and cache_setting != "false"
     if use_cache:
-        key = refcache.cache_key(groups, init_path, ref_dtype, needs.tokens.temperature)
-        with accelerator.main_process_first():  # one process computes, the others read its file
+        key = refcache.cache_key(groups, init_path, ref_dtype, temperature)
+        # one process computes and the others read its file (under a sharding engine all take part)
+        with (contextlib.nullcontext() if sharded else accelerator.main_process_first()):
             ref_cache = refcache.load_or_compute(
                 run, key, groups, make_reference, tokenizer.pad_token_id, device,
-                int(cfg.hardware.micro_batch_size) * 4, needs.tokens.temperature, int(cfg.hardware.logprob_chunk),
-                accelerator.is_main_process, context=ref_context)
+                int(cfg.hardware.micro_batch_size) * 4, temperature, chunk, accelerator.is_main_process,
+                context=ref_context)
         inputs["reference_logps_cache"] = key
     elif needs.reference != "none":
         reference = make_reference()
     objective.bind(accelerator=accelerator, policy=policy.lm, reference=reference)
 
-    chunk = int(cfg.hardware.logprob_chunk)
     recompute = needs.tokens.needs_reference_logits if cfg.hardware.get("recompute_lm_head", "auto") == "auto" \
         else bool(cfg.hardware.recompute_lm_head)
+    if sharded:  # the engine owns the weights between forward and backward: keep chunk logits instead
+        recompute = False
     pad = tokenizer.pad_token_id
 
     def forward(split: str, indices: list[int], training: bool):
@@ -134,7 +157,8 @@ def run(cfg: DictConfig) -> None:
         b, k = len(indices), len(groups[split][indices[0]])
         ref = None
         if reference is not None:
-            ref = reference_hidden(reference, **batch, context=ref_context)
+            ref = reference(**batch, temperature=temperature, chunk_size=chunk) if sharded else \
+                reference_hidden(reference, **batch, context=ref_context)
         stats, reward_pred = trainer.model(**batch, reference=ref, req=needs.tokens, chunk_size=chunk,
                                            recompute=recompute)
 
@@ -175,11 +199,13 @@ def run(cfg: DictConfig) -> None:
                     sums[key] += float(val) * len(idx) / n
         return {f"eval_{k}": v for k, v in sums.items()}
 
-    def save_fn(path: Path, final: bool) -> None:
+    def save_fn(path: Path, final: bool, state: dict | None) -> None:
         module = accelerator.unwrap_model(trainer.model)
-        save_policy(module.lm, tokenizer, path, final)
+        save_policy(module.lm, tokenizer, path, final, state)
         if module.reward_head is not None:
-            save_tensors(dict(module.reward_head.state_dict()), path / "reward_head.safetensors")
+            head = ({k[len("reward_head."):]: v for k, v in state.items() if k.startswith("reward_head.")} if state
+                    else dict(module.reward_head.state_dict()))
+            save_tensors(head, path / "reward_head.safetensors")
 
     trainer = Trainer(cfg, out, policy, accelerator, len(groups["train"]), loss_fn, eval_fn, save_fn,
                       stateful={"objective": objective})
@@ -195,6 +221,7 @@ def run(cfg: DictConfig) -> None:
         console.print(f"align {objective.name} done: eval loss {final.get('eval_loss', float('nan')):.4f}"
                       + (f", held-out reward accuracy {acc:.3f}" if acc is not None else "") + f" -> {out / 'model'}")
         write_lineage(out, cfg, {**inputs, "dataset": str(cfg.dataset.name)})
+    return final.get("eval_loss")
 
 
 def reward_columns(cfg: DictConfig, run: Path, rows: dict[str, list[dict]], from_data: dict[str, Tensor | None],

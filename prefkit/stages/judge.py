@@ -121,20 +121,28 @@ def label(cfg: DictConfig, out: Path, run_path: Path, samples_job: Job, inputs: 
     if any(len(groups[p]) < 2 for p in prompt_ids):
         raise UserError("labelling needs at least 2 samples per prompt; sample with sample.n=2 or more")
     rng = np.random.default_rng(int(cfg.judge.seed))
-    picks = estimators.label_pairs([[s for _, s in groups[p]] for p in prompt_ids], mode=str(lab.mode),
-                                   noise=float(lab.noise), beta=float(lab.bt_beta), rng=rng)
+    if str(lab.mode) == "all" and float(lab.noise) > 0:
+        raise UserError("judge.label.noise applies to pairs; mode=all keeps every sample with its score")
+    if str(lab.mode) == "all":  # the reward-labelled setting (EXO-rw, DPO-rw): every sample, best first
+        picks = [sorted(range(len(groups[p])), key=lambda i, p=p: -groups[p][i][1]) for p in prompt_ids]
+        picks = [order if groups[p][order[0]][1] > groups[p][order[-1]][1] else None
+                 for p, order in zip(prompt_ids, picks, strict=True)]
+    else:
+        picks = estimators.label_pairs([[s for _, s in groups[p]] for p in prompt_ids], mode=str(lab.mode),
+                                       noise=float(lab.noise), beta=float(lab.bt_beta), rng=rng)
     eval_ids = set(rng.permutation(prompt_ids)[: round(float(lab.eval_fraction) * len(prompt_ids))].tolist())
     pairs, skipped = [], 0
     for pid, pick in zip(prompt_ids, picks, strict=True):
         if pick is None:
             skipped += 1
             continue
-        (rc, sc), (rr, sr) = groups[pid][pick[0]], groups[pid][pick[1]]
-        if not rc["completion"].strip() or not rr["completion"].strip():
+        chosen = [groups[pid][i] for i in pick]
+        if any(not r["completion"].strip() for r, _ in chosen):
             skipped += 1
             continue
-        pairs.append({"prompt_id": pid, "prompt": rc["prompt"], "completions": [rc["completion"], rr["completion"]],
-                      "rewards": [sc, sr], "split": "eval" if pid in eval_ids else "train"})
+        pairs.append({"prompt_id": pid, "prompt": chosen[0][0]["prompt"],
+                      "completions": [r["completion"] for r, _ in chosen], "rewards": [s for _, s in chosen],
+                      "split": "eval" if pid in eval_ids else "train"})
     write_jsonl(out / "pairs.jsonl", pairs)
     n_eval = sum(p["split"] == "eval" for p in pairs)
     summary = {"policy": key, "scorer": scorer_name, "mode": str(lab.mode), "noise": float(lab.noise),

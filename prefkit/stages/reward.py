@@ -65,7 +65,7 @@ def run(cfg: DictConfig) -> None:
     members = int(cfg.reward.members)
     if members < 1:
         raise UserError("reward.members must be at least 1")
-    accelerator = make_accelerator(cfg.hardware)
+    accelerator = make_accelerator(cfg.hardware, cfg.model, cfg.train)
     summaries = [train_member(cfg, member, members, out, init_path, tokenizer, groups, accelerator)
                  for member in range(members)]
     if accelerator.is_main_process:
@@ -105,10 +105,10 @@ def train_member(cfg: DictConfig, member: int, members: int, out: Path, init_pat
                     sums[f"eval_{key}"] += float(val) * len(idx) / n
         return dict(sums)
 
-    def save_fn(path: Path, final: bool) -> None:
+    def save_fn(path: Path, final: bool, state: dict | None) -> None:
         save_reward_model(accelerator.unwrap_model(trainer.model), tokenizer, path,
                           {"kind": str(cfg.reward.kind), "encode_options": encode_options(cfg.dataset),
-                           "member": member, "members": members})
+                           "member": member, "members": members}, state)
 
     trainer = Trainer(cfg, member_out, module, accelerator, len(groups["train"]),
                       lambda idx, training: forward("train", idx), eval_fn, save_fn)

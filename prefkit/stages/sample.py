@@ -197,7 +197,13 @@ def _add_stats(rows: list[dict], seqs: list[Encoded], model, reference, pad: int
     if not has_tokens:
         return
     batch = {k: v.to(device) for k, v in collate([seqs[i] for i in has_tokens], pad).items()}
-    stats = sequence_stats(model, **batch, reference=reference, req=req, want_ref_logps=True, recompute=False)
+    if reference is model:  # the reference itself: its log-ratio and KLs are exactly zero
+        stats = sequence_stats(model, **batch, req=TokenRequest(temperature=req.temperature, entropy=req.entropy),
+                               recompute=False)
+        stats.ref_logps, stats.reverse_kl, stats.kl = stats.logps, torch.zeros_like(stats.logps), \
+            torch.zeros_like(stats.logps)
+    else:
+        stats = sequence_stats(model, **batch, reference=reference, req=req, want_ref_logps=True, recompute=False)
     for j, i in enumerate(has_tokens):
         rows[i].update({"logp_policy": float(stats.logps[j]), "logp_ref": float(stats.ref_logps[j]),
                         "kl_exact": float(stats.reverse_kl[j]), "kl_forward": float(stats.kl[j]),

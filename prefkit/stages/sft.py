@@ -45,7 +45,7 @@ def run(cfg: DictConfig) -> None:
     tokenizer = load_tokenizer(base, trust_remote_code=bool(cfg.model.trust_remote_code))
     train = encode_rows(load_rows(cfg.dataset, "sft", "train", run, tokenizer), tokenizer, cfg.dataset, "train")
     held_out = encode_rows(load_rows(cfg.dataset, "sft", "eval", run, tokenizer), tokenizer, cfg.dataset, "eval")
-    accelerator = make_accelerator(cfg.hardware)
+    accelerator = make_accelerator(cfg.hardware, cfg.model, cfg.train)
     lm = load_model(cfg.model, base, "policy", cfg.peft)
     if cfg.hardware.get("gradient_checkpointing"):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -71,10 +71,10 @@ def run(cfg: DictConfig) -> None:
             s, n = nll(held_out[start:start + mb])
             total, count = total + float(s), count + n
         loss = total / max(count, 1)
-        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
 
-    def save_fn(path: Path, final: bool) -> None:
-        save_policy(accelerator.unwrap_model(trainer.model).lm, tokenizer, path, final)
+    def save_fn(path: Path, final: bool, state: dict | None) -> None:
+        save_policy(accelerator.unwrap_model(trainer.model).lm, tokenizer, path, final, state)
 
     trainer = Trainer(cfg, out, PolicyModule(lm), accelerator, len(train), loss_fn, eval_fn, save_fn)
     final = trainer.fit()
@@ -83,7 +83,7 @@ def run(cfg: DictConfig) -> None:
         summary = {**final, "unigram_perplexity": unigram_perplexity(train, held_out, len(tokenizer)),
                    "train_examples": len(train), "eval_examples": len(held_out)}
         write_json(out / "summary.json", summary)
-        console.print(f"sft done: eval loss {summary.get('eval/loss', float('nan')):.4f}, perplexity "
-                      f"{summary.get('eval/perplexity', float('nan')):.2f} (unigram baseline "
+        console.print(f"sft done: eval loss {summary.get('eval_loss', float('nan')):.4f}, perplexity "
+                      f"{summary.get('eval_perplexity', float('nan')):.2f} (unigram baseline "
                       f"{summary['unigram_perplexity']:.2f}) -> {out / 'model'}")
         write_lineage(out, cfg, {"base_model": base, "dataset": str(cfg.dataset.name)})

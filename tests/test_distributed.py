@@ -1,0 +1,53 @@
+"""Scale-out paths that can run on a CPU: two processes with gloo (DDP), and LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import TEST_CONF, TINY_ALIGN, prefkit
+from safetensors.torch import load_file
+
+STEPS = "train.max_steps=4"
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(sft_run):
+    # one process: global batch 16 = micro-batch 8 × 2 accumulation steps
+    prefkit("align", "run.name=shared", "job=one", *TINY_ALIGN, STEPS, cwd=sft_run)
+    # two processes (gloo): global batch 16 = micro-batch 8 × 2 processes; same examples per micro-batch
+    env = {**os.environ, "PREFKIT_CONFIG_PATH": str(TEST_CONF), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "-m", "prefkit.cli", "align", "run.name=shared", "job=two", "hardware.distributed=ddp", *TINY_ALIGN, STEPS]
+    proc = subprocess.run(cmd, cwd=sft_run, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads((sft_run / "outputs/shared/align/two/plan.json").read_text())
+    assert plan["world_size"] == 2 and plan["accumulation"] == 1
+    one = load_file(sft_run / "outputs/shared/align/one/model/model.safetensors")
+    two = load_file(sft_run / "outputs/shared/align/two/model/model.safetensors")
+    start = load_file(sft_run / "outputs/shared/sft/" / _sft_job(sft_run) / "model/model.safetensors")
+    moved = max((one[k] - start[k]).abs().max().item() for k in one)
+    diff = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert moved > 1e-4  # training changed the weights...
+    assert diff < 1e-5, diff  # ...identically, up to the order of floating-point sums
+
+
+def _sft_job(root) -> str:
+    return next(p.name for p in (root / "outputs/shared/sft").iterdir() if p.is_dir())
+
+
+def test_lora_align_uses_the_adapter_free_model_as_reference(sft_run):
+    pytest.importorskip("peft")
+    prefkit("align", "run.name=shared", "job=lora", "peft=lora", "objective=tdpo2", *TINY_ALIGN, STEPS,
+            "train.lr=1e-2", cwd=sft_run)
+    job = sft_run / "outputs/shared/align/lora"
+    assert (job / "model/adapter/adapter_config.json").exists()
+    merged = load_file(job / "model/model.safetensors")
+    start = load_file(sft_run / "outputs/shared/sft/" / _sft_job(sft_run) / "model/model.safetensors")
+    assert set(merged) == set(start)  # a plain model directory: the adapter is merged in
+    assert max((merged[k] - start[k]).abs().max().item() for k in merged) > 1e-5
+    metrics = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    assert any("kl/chosen" in m for m in metrics)

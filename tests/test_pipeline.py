@@ -1,0 +1,174 @@
+"""The whole pipeline on a tiny embedded task, as a user runs it: every stage through the CLI,
+reading and writing one run directory; then what each stage wrote."""
+
+from __future__ import annotations
+
+import csv
+import http.server
+import json
+import threading
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from conftest import TINY, TINY_ALIGN, TINY_SFT, prefkit
+
+RUN = "pipe"
+SAMPLING = ["sample.max_new_tokens=24", "sample.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    r = f"run.name={RUN}"
+    prefkit("sft", r, *TINY_SFT, cwd=root)
+    prefkit("sample", r, "job=pool", "sample.policies=[sft]", "sample.split=train", "sample.n=2", *TINY, *SAMPLING,
+            cwd=root)
+    prefkit("judge", r, "job=label", "judge.task=label", "judge.samples=pool", "judge.label.eval_fraction=0.25",
+            *TINY, cwd=root)
+    prefkit("reward", r, "dataset=labeled", "reward.kind=drdo_oracle", "model=tiny_test", "train.max_steps=4",
+            "train.batch_size=8", "hardware.micro_batch_size=8", "train.eval_every=4", cwd=root)
+    align = [a for a in TINY_ALIGN if not a.startswith("dataset=")]
+    prefkit("align", "-m", r, "dataset=labeled", "objective=dpo,tdpo2,edpo,exo,simpo", *align, cwd=root)
+    prefkit("align", r, "dataset=labeled", "objective=drdo", "rewards.source=model", *align, cwd=root)
+    prefkit("sample", r, "job=eval", "sample.n=2", "sample.n_reference=8", *TINY, *SAMPLING, cwd=root)
+    prefkit("judge", r, "job=eval", "judge.samples=eval", *TINY, cwd=root)
+    prefkit("frontier", r, "job=plot", cwd=root)
+    return root / "outputs" / RUN
+
+
+def _sft(run: Path) -> Path:
+    (job,) = [p for p in (run / "sft").iterdir() if p.is_dir()]
+    return job
+
+
+def test_sft_model_loads_with_from_pretrained(run):
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(_sft(run) / "model") is not None
+
+
+def test_label_step_makes_pairs_best_first(run):
+    rows = [json.loads(line) for line in (run / "judge/label/pairs.jsonl").read_text().splitlines()]
+    assert rows and {r["split"] for r in rows} == {"train", "eval"}
+    pool = run / "sample/pool/sft" / _sft(run).name / "samples.jsonl"
+    samples = [json.loads(line) for line in pool.read_text().splitlines()]
+    from prefkit.data import join_text
+    from prefkit.synthetic import oracle_reward
+
+    by_prompt: dict[int, list[float]] = {}
+    for s in samples:
+        by_prompt.setdefault(s["prompt_id"], []).append(oracle_reward(join_text(s["prompt"], s["completion"])))
+    for r in rows:
+        assert len(r["completions"]) == 2 and r["rewards"][0] > r["rewards"][1]
+        assert r["rewards"][0] == max(by_prompt[r["prompt_id"]])  # best against worst
+        assert r["rewards"] == [oracle_reward(join_text(r["prompt"], c)) for c in r["completions"]]
+
+
+def test_reward_model_and_align_jobs(run):
+    reward = next((run / "reward").iterdir())
+    assert (reward / "model/reward_head.safetensors").exists() and (reward / "lineage.json").exists()
+    jobs = {p.name: p for p in (run / "align").iterdir() if p.is_dir()}
+    for name in ("dpo", "tdpo2", "edpo", "exo", "simpo", "drdo"):
+        job = next(p for n, p in jobs.items() if n.split(",")[0] == name)
+        assert (job / "model/model.safetensors").exists() and (job / "lineage.json").exists()
+        metrics = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+        keys = set().union(*metrics)
+        assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "eval_loss", "eval_rewards/accuracies"} <= keys, (name, keys)
+        if name == "tdpo2":
+            assert {"kl/chosen", "kl/rejected", "kl/margin"} <= keys
+        if name == "edpo":
+            assert {"kl/beta", "beta", "kl/p_epsilon_steps"} <= keys
+        if name == "drdo":
+            assert (job / "model/reward_head.safetensors").exists()
+            assert "reward_model" in json.loads((job / "lineage.json").read_text())["inputs"]
+    # one reference cache for the sweep's jobs that can use scalar reference log-probs (dpo, exo)
+    assert len(list((run / "cache/ref_logps").glob("*.safetensors"))) == 1
+
+
+def test_samples_carry_their_statistics(run):
+    index = json.loads((run / "sample/eval/policies.json").read_text())
+    assert len(index) == 7  # sft + six aligned policies
+    for key, entry in index.items():
+        rows = [json.loads(line) for line in Path(entry["samples"]).read_text().splitlines()]
+        per_prompt = 8 if key.startswith("sft/") else 2
+        assert len(rows) == 16 * per_prompt
+        for r in rows:
+            assert 1 <= r["n_tokens"] <= 24 and r["finished"] == (r["completion_ids"][-1] == 3)
+            assert r["kl_exact"] >= -1e-5 and r["entropy"] >= 0
+            if key.startswith("sft/"):  # the reference of itself
+                assert r["logp_policy"] == r["logp_ref"] and r["kl_exact"] == 0.0
+
+
+def test_judge_summary_and_frontier(run):
+    summary = json.loads((run / "judge/eval/summary.json").read_text())
+    for entry in summary["policies"].values():
+        assert entry["reward"]["low"] <= entry["reward"]["mean"] <= entry["reward"]["high"]
+        assert set(entry["kl"]) == {"k1", "k3", "exact"}
+        for est in entry["kl"].values():
+            assert est["low"] <= est["mean"] <= est["high"]
+    plot = run / "frontier/plot"
+    for name in ("frontier.png", "frontier.svg", "frontier.csv", "optimal.csv", "best_of_n.csv", "lineage.json"):
+        assert (plot / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((plot / "frontier.csv").open()))
+    assert len(rows) == 7 and {r["objective"] for r in rows} >= {"sft-reference", "dpo", "tdpo2", "drdo"}
+    ref = next(r for r in rows if r["objective"] == "sft-reference")
+    assert abs(float(ref["kl"])) < 1e-4
+    bon = list(csv.DictReader((plot / "best_of_n.csv").open()))
+    assert [int(b["n"]) for b in bon] == [1, 2, 4, 8]
+
+
+def test_win_rate_with_the_reward_model_judge(run):
+    prefkit("judge", f"run.name={RUN}", "job=wr", "judge.task=winrate", "judge.samples=eval",
+            "judge.scorer=reward_model", *TINY, cwd=run.parent.parent)
+    result = json.loads((run / "judge/wr/winrates.json").read_text())
+    assert result["baseline"] == f"sft/{_sft(run).name}" and len(result["results"]) == 6
+    for r in result["results"].values():
+        assert 0 <= r["low"] <= r["rate"] <= r["high"] <= 1
+        assert r["wins"] + r["ties"] + r["losses"] == r["n"] == 16
+
+
+class _AlwaysA(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint whose judge always prefers position A."""
+
+    seen_keys: ClassVar[list[str]] = []
+
+    def do_POST(self):
+        self.seen_keys.append(self.headers.get("Authorization", ""))
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["messages"][-1]["content"].count("Continuation A:") == 1
+        reply = {"choices": [{"message": {"content": "Comparison: A is nicer.\nPreferred: A"}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_llm_judge_asks_both_orders_and_never_stores_the_key(run):
+    server = http.server.HTTPServer(("127.0.0.1", 0), _AlwaysA)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secret = "sk-test-5f3a9c"
+    index = json.loads((run / "sample/eval/policies.json").read_text())
+    dpo = next(k for k in index if k.startswith("align/dpo,"))
+    try:
+        prefkit("judge", f"run.name={RUN}", "job=llm", "judge.task=winrate", "judge.samples=eval",
+                "judge.winrate.judge=llm", "judge.llm.model=fake-judge", f"judge.winrate.candidates=['{dpo}']",
+                "judge.winrate.max_prompts=5", *TINY, cwd=run.parent.parent,
+                env={"PREFKIT_JUDGE_BASE_URL": f"http://127.0.0.1:{server.server_port}",
+                     "PREFKIT_JUDGE_API_KEY": secret})
+    finally:
+        server.shutdown()
+    assert _AlwaysA.seen_keys and all(k == f"Bearer {secret}" for k in _AlwaysA.seen_keys)
+    assert len(_AlwaysA.seen_keys) == 10  # 5 prompts × both orders
+    r = json.loads((run / "judge/llm/winrates.json").read_text())["results"][dpo]
+    # A always wins: the candidate wins as A and loses as B -> every comparison is a tie (fastchat rule)
+    assert r["rate"] == 0.5 and r["ties"] == 5 and r["position_consistency"] == 0.0
+    for path in run.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml", ".log"):
+            assert secret not in path.read_text(errors="ignore"), path
