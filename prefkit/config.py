@@ -131,10 +131,12 @@ def _check_types(cfg: DictConfig, defaults: DictConfig, prefix: str = "") -> Non
         if isinstance(value, DictConfig) and isinstance(default, DictConfig):
             _check_types(value, default, path + ".")
             continue
-        if OmegaConf.is_interpolation(cfg, key) or OmegaConf.is_interpolation(defaults, key):
+        if OmegaConf.is_interpolation(cfg, key):
             continue
-        new, old = OmegaConf.to_object(value) if isinstance(value, DictConfig) else value._value(), \
-            default._value() if not isinstance(default, DictConfig) else None
+        new = OmegaConf.to_object(value) if isinstance(value, DictConfig) else value._value()
+        # the default's type, through its interpolation if it has one (train.lr: ${model.lr.sft})
+        old = None if isinstance(default, DictConfig) else defaults[key] if OmegaConf.is_interpolation(
+            defaults, key) else default._value()
         if isinstance(old, bool) and not isinstance(new, bool) and new is not None:
             raise UserError(f"bad value for {path}: {new!r} is not true/false")
         if isinstance(old, (int, float)) and not isinstance(old, bool) and new is not None and \

@@ -26,7 +26,7 @@ stage sft            sft
 stage sample_pool    sample job=pairs 'sample.policies=[sft]' sample.split=train sample.n=2
 stage label          judge job=label judge.task=label judge.samples=pairs
 stage reward         reward dataset=labeled reward.kind=drdo_oracle
-stage align_beta     align -m dataset=labeled objective=dpo,exo,tdpo2,edpo objective.beta=0.05,0.1,0.2
+stage align_beta     align -m dataset=labeled objective=dpo,exo,tdpo2,edpo objective.beta=0.1,0.3,1.0
 stage align_drdo     align -m dataset=labeled objective=drdo objective.alpha=0.1,0.5,1.0 rewards.source=model
 stage sample_eval    sample job=eval sample.n=4 sample.n_reference=64
 stage judge          judge job=eval judge.samples=eval
