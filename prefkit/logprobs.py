@@ -27,6 +27,33 @@ def _f32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+# Logits per chunk when the chunk size is automatic: each [tokens, vocab] float32 tensor of a chunk
+# stays near 256 MB whatever the vocabulary (1,334 tokens at 50k, 523 at 128k, everything at 128).
+CHUNK_ELEMENTS = 2**26
+
+
+def chunk_tokens(chunk_size: int | None, vocab: int) -> int:
+    """Response tokens per LM-head chunk: `chunk_size`, or (None) CHUNK_ELEMENTS // vocab."""
+    return int(chunk_size) if chunk_size else max(1, CHUNK_ELEMENTS // max(1, vocab))
+
+
+def chunk_setting(value: int | str) -> int | None:
+    """hardware.logprob_chunk: a positive number of tokens, or auto (None)."""
+    if str(value).lower() == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        from prefkit.errors import UserError
+
+        raise UserError(f"hardware.logprob_chunk must be auto or a positive number of tokens, not {value!r}")
+    return value
+
+
+def _logits(head: Head, hidden: Tensor, temperature: float) -> Tensor:
+    """Float32 logits / τ (no division at τ = 1: a full pass over [M, V] saved)."""
+    z = _f32(head(hidden))
+    return z if temperature == 1.0 else z / temperature
+
+
 @dataclass(frozen=True)
 class TokenRequest:
     """What an objective needs computed at each response token, beyond the policy's log-prob."""
@@ -76,6 +103,10 @@ class Head:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    @property
+    def vocab(self) -> int:
+        return int(getattr(self.module, "out_features", 0) or self.weight.shape[0])
+
     @classmethod
     def of(cls, model: nn.Module) -> Head:
         linear = model.get_output_embeddings()
@@ -104,16 +135,16 @@ def _ref_chunk(sl: slice, temperature: float, ref_hidden: Tensor | None, ref_hea
         return rows, rows
     if ref_head is None:
         return None, None
-    zr = _f32(ref_head(ref_hidden[sl])) / temperature
+    zr = _logits(ref_head, ref_hidden[sl], temperature)
     return zr, torch.log_softmax(zr, dim=-1)
 
 
 def _chunk_differentiable(z: Tensor, targets: Tensor, ref_logp_full: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """log π(y) and (if a reference is given) KL(π_ref ‖ π), from float32 logits z of one chunk."""
+    if ref_logp_full is None:  # fused log-softmax + gather, forward and backward
+        return -F.cross_entropy(z, targets, reduction="none"), None
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
-    if ref_logp_full is None:
-        return logp, None
     # Σ_v p_ref (log p_ref − log p_θ), with log p_θ = z − lse; never softmax().log() (0·log 0 = NaN).
     p_ref = ref_logp_full.exp()
     kl = (p_ref * ref_logp_full).sum(-1) - (p_ref * z).sum(-1) + lse
@@ -138,8 +169,7 @@ def _chunk_extras(z: Tensor, targets: Tensor, zr: Tensor | None, ref_logp_full: 
         # (ε-DPO's strict comparisons must then all tie: every pair keeps β at step 0)
         zm = z.to(req.mixture_dtype)
         mix = zm + (lam - 1.0) * (zm - zr.to(req.mixture_dtype))
-        mix_logp = mix.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(mix, dim=-1)
-        out[f"mix{lam}"] = mix_logp
+        out[f"mix{lam}"] = -F.cross_entropy(mix, targets, reduction="none")  # the policy's own formula
     return out
 
 
@@ -158,7 +188,7 @@ class _RecomputedTokenStats(torch.autograd.Function):
         logps, kls = [], []
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
-            z = _f32(head(hidden[sl])) / temperature
+            z = _logits(head, hidden[sl], temperature)
             zr, ref_logp_full = _ref_chunk(sl, temperature, ref_hidden, ref_head, ref_logprobs)
             lp, kl = _chunk_differentiable(z, targets[sl], ref_logp_full if want_kl else None)
             logps.append(lp)
@@ -187,7 +217,7 @@ class _RecomputedTokenStats(torch.autograd.Function):
                 if ctx.want_kl:
                     with torch.no_grad():
                         ref_logp_full = _ref_chunk(sl, ctx.temperature, ref_hidden, ref_head, ctx.ref_logprobs)[1]
-                z = _f32(head(h)) / ctx.temperature
+                z = _logits(head, h, ctx.temperature)
                 lp, kl = _chunk_differentiable(z, targets[sl], ref_logp_full)
                 total = (grad_logp[sl] * lp).sum()
                 if kl is not None:
@@ -205,7 +235,7 @@ class _RecomputedTokenStats(torch.autograd.Function):
 
 def token_stats(hidden: Tensor, targets: Tensor, head: Head, *, ref_hidden: Tensor | None = None,
                 ref_head: Head | None = None, ref_logprobs: Tensor | None = None,
-                req: TokenRequest = TokenRequest(), chunk_size: int = 4096,
+                req: TokenRequest = TokenRequest(), chunk_size: int | None = None,
                 recompute: bool = True) -> dict[str, Tensor]:
     """Per-token statistics for response hidden states [M, H] and their next tokens [M]. The
     reference comes as its hidden states and head, or as log-softmax rows [M, V]."""
@@ -213,6 +243,7 @@ def token_stats(hidden: Tensor, targets: Tensor, head: Head, *, ref_hidden: Tens
     if (want_kl or req.needs_reference_logits) and ref_head is None and ref_logprobs is None:
         raise ValueError("this request needs the reference model's logits")
     extras: dict[str, list[Tensor]] = {}
+    chunk_size = chunk_tokens(chunk_size, head.vocab)
     if recompute:
         params = [p for p in (head.weight, head.bias) if p is not None]
         logp, kl = _RecomputedTokenStats.apply(hidden, targets, ref_hidden, head, ref_head, req.temperature,
@@ -221,7 +252,7 @@ def token_stats(hidden: Tensor, targets: Tensor, head: Head, *, ref_hidden: Tens
         logps, kls = [], []
         for start in range(0, hidden.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
-            z = _f32(head(hidden[sl])) / req.temperature
+            z = _logits(head, hidden[sl], req.temperature)
             with torch.no_grad():
                 zr, ref_logp_full = _ref_chunk(sl, req.temperature, ref_hidden, ref_head, ref_logprobs)
             lp, k = _chunk_differentiable(z, targets[sl], ref_logp_full if want_kl else None)
@@ -287,18 +318,19 @@ class ReferenceModule(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, temperature: float = 1.0,
-                chunk_size: int = 4096) -> Reference:
+                chunk_size: int | None = None) -> Reference:
         rows, cols, _ = response_positions(labels)
         hidden = final_hidden(self.lm, input_ids, attention_mask)[rows, cols]
         head = Head.of(self.lm)
-        out = torch.cat([torch.log_softmax(_f32(head(hidden[s:s + chunk_size])) / temperature, dim=-1)
+        chunk_size = chunk_tokens(chunk_size, head.vocab)
+        out = torch.cat([torch.log_softmax(_logits(head, hidden[s:s + chunk_size], temperature), dim=-1)
                          for s in range(0, hidden.shape[0], chunk_size)])
         return Reference(logprobs=out)
 
 
 def stats_from_hidden(hidden: Tensor, model: nn.Module, attention_mask: Tensor, labels: Tensor, *,
                       reference: Reference | None = None, req: TokenRequest = TokenRequest(),
-                      chunk_size: int = 4096, recompute: bool = True) -> SequenceStats:
+                      chunk_size: int | None = None, recompute: bool = True) -> SequenceStats:
     """Per-sequence sums from the policy's final hidden states [N, T, H]."""
     n = labels.shape[0]
     rows, cols, targets = response_positions(labels)
@@ -309,7 +341,10 @@ def stats_from_hidden(hidden: Tensor, model: nn.Module, attention_mask: Tensor, 
                             chunk_size=chunk_size, recompute=recompute)
 
     def seq_sum(values: Tensor) -> Tensor:
-        return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+        # Sums of hundreds of log-probs of ~-10 lose ~1e-4 in float32, and the objectives subtract
+        # two such sums (policy − reference): accumulate in float64 (MPS has none).
+        acc = torch.float32 if values.device.type == "mps" else torch.float64
+        return torch.zeros(n, dtype=acc, device=values.device).index_add(0, rows, values.to(acc))
 
     stats = SequenceStats(logps=seq_sum(per_token["logps"]),
                           lengths=torch.zeros(n, dtype=torch.long, device=labels.device).index_add(
@@ -325,7 +360,7 @@ def stats_from_hidden(hidden: Tensor, model: nn.Module, attention_mask: Tensor, 
 
 def sequence_stats(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
                    reference: nn.Module | None = None, req: TokenRequest = TokenRequest(),
-                   want_ref_logps: bool = False, chunk_size: int = 4096, recompute: bool = True,
+                   want_ref_logps: bool = False, chunk_size: int | None = None, recompute: bool = True,
                    reference_context: Callable | None = None) -> SequenceStats:
     """Statistics of every sequence's response tokens (labels != -100) under `model` (and, for
     reference log-probs or any reference-logit statistic, under `reference`)."""
@@ -351,7 +386,7 @@ class PolicyModule(nn.Module):
         self.reward_head = nn.Linear(config.hidden_size, 1) if reward_head else None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
-                reference: Reference | None = None, req: TokenRequest = TokenRequest(), chunk_size: int = 4096,
+                reference: Reference | None = None, req: TokenRequest = TokenRequest(), chunk_size: int | None = None,
                 recompute: bool = True) -> tuple[SequenceStats, Tensor | None]:
         hidden = final_hidden(self.lm, input_ids, attention_mask)
         stats = stats_from_hidden(hidden, self.lm, attention_mask, labels, reference=reference, req=req,

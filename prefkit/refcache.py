@@ -42,7 +42,7 @@ def model_fingerprint(path: str) -> str:
 
 def cache_key(groups: dict[str, list[list[Encoded]]], reference_path: str, dtype: str, temperature: float) -> str:
     h = hashlib.sha256()
-    h.update(f"{model_fingerprint(reference_path)}|{dtype}|{temperature}".encode())
+    h.update(f"v2|{model_fingerprint(reference_path)}|{dtype}|{temperature}".encode())  # v2: float64 sums
     for split in sorted(groups):
         h.update(split.encode())
         for group in groups[split]:
@@ -54,33 +54,34 @@ def cache_key(groups: dict[str, list[list[Encoded]]], reference_path: str, dtype
 
 @torch.no_grad()
 def compute(reference: nn.Module, groups: list[list[Encoded]], pad_id: int, device: torch.device,
-            batch_size: int, temperature: float, chunk_size: int, context=None) -> Tensor:
+            batch_size: int, temperature: float, chunk_size: int | None, context=None) -> Tensor:
     """[n_groups, K] summed reference log-probs of every completion (`context`: e.g. a LoRA
     model's disable_adapter, to make the policy its own reference)."""
     k = len(groups[0])
     flat = [seq for group in groups for seq in group]
-    out = torch.empty(len(flat), dtype=torch.float32)
+    out = torch.empty(len(flat), dtype=torch.float64)  # sums: see logprobs.stats_from_hidden
     req = TokenRequest(temperature=temperature)
     for start in range(0, len(flat), batch_size):
         batch = {key: v.to(device) for key, v in collate(flat[start:start + batch_size], pad_id).items()}
         with context() if context else contextlib.nullcontext():
             logps = _sequence_logps(reference, batch, req, chunk_size)
-        out[start:start + len(logps)] = logps.float().cpu()
+        out[start:start + len(logps)] = logps.double().cpu()
     return out.view(len(groups), k)
 
 
-def _sequence_logps(reference: nn.Module, batch: dict, req: TokenRequest, chunk_size: int) -> Tensor:
+def _sequence_logps(reference: nn.Module, batch: dict, req: TokenRequest, chunk_size: int | None) -> Tensor:
     if isinstance(getattr(reference, "module", reference), ReferenceModule):  # sharded: rows from its forward
         ref = reference(**batch, temperature=req.temperature, chunk_size=chunk_size)
         rows, _, targets = response_positions(batch["labels"])
-        token = ref.logprobs.gather(-1, targets[:, None]).squeeze(-1).float()
-        return torch.zeros(batch["labels"].shape[0], device=token.device).index_add(0, rows, token)
+        token = ref.logprobs.gather(-1, targets[:, None]).squeeze(-1).double()
+        out = torch.zeros(batch["labels"].shape[0], dtype=torch.float64, device=token.device)
+        return out.index_add(0, rows, token)
     return sequence_stats(reference, **batch, req=req, chunk_size=chunk_size, recompute=False).logps
 
 
 def load_or_compute(run: Path, key: str, groups: dict[str, list[list[Encoded]]], make_reference,
                     pad_id: int, device: torch.device, batch_size: int, temperature: float,
-                    chunk_size: int, is_main: bool = True, context=None) -> dict[str, Tensor]:
+                    chunk_size: int | None, is_main: bool = True, context=None) -> dict[str, Tensor]:
     from safetensors.torch import load_file, save_file
 
     path = run / "cache" / "ref_logps" / f"{key}.safetensors"

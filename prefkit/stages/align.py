@@ -13,21 +13,23 @@ import contextlib
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
+from torch import Tensor, nn
 
 from prefkit import refcache
 from prefkit.console import console
 from prefkit.data import Encoded, collate, encode, encode_options
 from prefkit.datasets import load_rows
 from prefkit.errors import UserError
-from prefkit.logprobs import PolicyModule, ReferenceModule, reference_hidden
+from prefkit.logprobs import PolicyModule, ReferenceModule, chunk_setting, reference_hidden
 from prefkit.models import freeze, is_peft, load_model, load_tokenizer, resolve_model_path, save_policy
-from prefkit.objectives import Groups, Needs, build, sft_nll, trl_metrics
+from prefkit.objectives import Groups, Needs, Objective, build, sft_nll, trl_metrics
 from prefkit.rundir import job_input, require_job, run_dir, start_job, write_json, write_lineage
 from prefkit.trainer import Trainer, is_sharded, make_accelerator, prepare_reference, save_tensors
 
@@ -74,6 +76,62 @@ def row_rewards(rows: list[dict]) -> Tensor | None:
     return None
 
 
+@dataclass
+class AlignStep:
+    """The loss and metrics of one micro-batch of groups: collate, the reference's part (its
+    hidden states online, or the cached log-probs), the policy's token statistics, the objective.
+    The align stage's forward; scripts/bench_align.py times exactly this."""
+
+    objective: Objective
+    groups: dict[str, list[list[Encoded]]]  # split -> groups of encoded completions
+    pad: int
+    device: torch.device
+    chunk: int | None  # hardware.logprob_chunk (None: by vocabulary size)
+    recompute: bool  # recompute the LM head in backward instead of keeping chunk logits
+    reference: nn.Module | None = None  # None when cached or not needed
+    sharded: bool = False  # the reference is a sharded ReferenceModule
+    ref_context: Callable[[], Any] | None = None  # LoRA: the policy with its adapter off
+    ref_cache: dict[str, Tensor] | None = None  # split -> [n_groups, K] reference log-probs
+    rewards: dict[str, Tensor | None] = field(default_factory=dict)
+    sft_weight: float = 0.0
+
+    def __call__(self, model: nn.Module, split: str, indices: list[int], training: bool
+                 ) -> tuple[Tensor, dict[str, Any]]:
+        needs = self.objective.needs
+        seqs = [seq for i in indices for seq in self.groups[split][i]]
+        batch = {k: v.to(self.device) for k, v in collate(seqs, self.pad).items()}
+        b, k = len(indices), len(self.groups[split][indices[0]])
+        ref = None
+        if self.reference is not None:
+            ref = self.reference(**batch, temperature=needs.tokens.temperature, chunk_size=self.chunk) \
+                if self.sharded else reference_hidden(self.reference, **batch, context=self.ref_context)
+        stats, reward_pred = model(**batch, reference=ref, req=needs.tokens, chunk_size=self.chunk,
+                                   recompute=self.recompute)
+
+        def view(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.view(b, k)
+
+        ref_logps = stats.ref_logps
+        if self.ref_cache is not None:
+            ref_logps = self.ref_cache[split][indices].to(self.device).flatten()
+        rewards = self.rewards.get(split)
+        g = Groups(logps=view(stats.logps), lengths=view(stats.lengths), training=training,
+                   ref_logps=view(ref_logps) if needs.reference != "none" else None,
+                   kl=view(stats.kl), reverse_kl=view(stats.reverse_kl),
+                   mixture_logps={lam: view(t) for lam, t in stats.mixture_logps.items()},
+                   rewards=None if rewards is None else rewards[indices].to(self.device),
+                   reward_pred=view(reward_pred))
+        result = self.objective.loss(g)
+        loss = result.loss
+        metrics: dict[str, Any] = {**trl_metrics(g, result), **result.metrics}
+        if self.sft_weight:
+            nll = sft_nll(g)
+            loss = loss + self.sft_weight * nll
+            metrics["sft/nll"] = nll.detach()
+        metrics["num_tokens"] = int(batch["attention_mask"].sum())
+        return loss, metrics
+
+
 def run(cfg: DictConfig) -> float | None:
     """Returns the held-out loss (the value Hydra's Optuna sweeper minimises)."""
     out = start_job(cfg)
@@ -112,7 +170,7 @@ def run(cfg: DictConfig) -> float | None:
         raise UserError("peft=lora under FSDP/DeepSpeed is not supported; use hardware=gpu or hardware=ddp")
     ref_context = lm.disable_adapter if lora else None
     ref_dtype = str(cfg.model.dtype if lora else cfg.model.reference_dtype)
-    chunk = int(cfg.hardware.logprob_chunk)
+    chunk = chunk_setting(cfg.hardware.logprob_chunk)
     temperature = needs.tokens.temperature
 
     def make_reference():
@@ -149,43 +207,12 @@ def run(cfg: DictConfig) -> float | None:
         else bool(cfg.hardware.recompute_lm_head)
     if sharded:  # the engine owns the weights between forward and backward: keep chunk logits instead
         recompute = False
-    pad = tokenizer.pad_token_id
-
-    def forward(split: str, indices: list[int], training: bool):
-        seqs = [seq for i in indices for seq in groups[split][i]]
-        batch = {k: v.to(device) for k, v in collate(seqs, pad).items()}
-        b, k = len(indices), len(groups[split][indices[0]])
-        ref = None
-        if reference is not None:
-            ref = reference(**batch, temperature=temperature, chunk_size=chunk) if sharded else \
-                reference_hidden(reference, **batch, context=ref_context)
-        stats, reward_pred = trainer.model(**batch, reference=ref, req=needs.tokens, chunk_size=chunk,
-                                           recompute=recompute)
-
-        def view(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.view(b, k)
-
-        ref_logps = stats.ref_logps
-        if ref_cache is not None:
-            ref_logps = ref_cache[split][indices].to(device).flatten()
-        g = Groups(logps=view(stats.logps), lengths=view(stats.lengths), training=training,
-                   ref_logps=view(ref_logps) if needs.reference != "none" else None,
-                   kl=view(stats.kl), reverse_kl=view(stats.reverse_kl),
-                   mixture_logps={lam: view(t) for lam, t in stats.mixture_logps.items()},
-                   rewards=None if rewards[split] is None else rewards[split][indices].to(device),
-                   reward_pred=view(reward_pred))
-        result = objective.loss(g)
-        loss = result.loss
-        metrics: dict[str, Any] = {**trl_metrics(g, result), **result.metrics}
-        if sft_weight:
-            nll = sft_nll(g)
-            loss = loss + sft_weight * nll
-            metrics["sft/nll"] = nll.detach()
-        metrics["num_tokens"] = int(batch["attention_mask"].sum())
-        return loss, metrics
+    step = AlignStep(objective, groups, tokenizer.pad_token_id, device, chunk, recompute, reference=reference,
+                     sharded=sharded, ref_context=ref_context, ref_cache=ref_cache, rewards=rewards,
+                     sft_weight=sft_weight)
 
     def loss_fn(indices: list[int], training: bool):
-        return forward("train", indices, training)
+        return step(trainer.model, "train", indices, training)
 
     def eval_fn() -> dict[str, float]:
         sums: dict[str, float] = defaultdict(float)
@@ -193,7 +220,7 @@ def run(cfg: DictConfig) -> float | None:
         n = len(groups["eval"])
         for start in range(0, n, mb):
             idx = list(range(start, min(n, start + mb)))
-            loss, metrics = forward("eval", idx, False)
+            loss, metrics = step(trainer.model, "eval", idx, False)
             for key, val in {"loss": loss, **metrics}.items():
                 if key != "num_tokens":
                     sums[key] += float(val) * len(idx) / n

@@ -23,7 +23,7 @@ from prefkit.console import console
 from prefkit.data import collate, encode_options
 from prefkit.datasets import load_rows
 from prefkit.errors import UserError
-from prefkit.logprobs import PolicyModule
+from prefkit.logprobs import PolicyModule, chunk_setting
 from prefkit.models import load_model, load_tokenizer
 from prefkit.objectives import Needs
 from prefkit.rewardmodel import save_reward_model
@@ -86,7 +86,7 @@ def train_member(cfg: DictConfig, member: int, members: int, out: Path, init_pat
     def forward(split: str, indices: list[int]):
         seqs = [s for i in indices for s in groups[split][i]]
         batch = {k: v.to(device) for k, v in collate(seqs, pad).items()}
-        stats, r = trainer.model(**batch, chunk_size=int(cfg.hardware.logprob_chunk), recompute=False)
+        stats, r = trainer.model(**batch, chunk_size=chunk_setting(cfg.hardware.logprob_chunk), recompute=False)
         b = len(indices)
         r, logps, lengths = r.view(b, 2), stats.logps.view(b, 2), stats.lengths.view(b, 2)
         loss, extra = reward_loss(r, logps, lengths, cfg.reward)

@@ -16,6 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +29,9 @@ from prefkit.logprobs import TokenRequest, sequence_stats
 from prefkit.models import freeze, load_causal_lm, load_tokenizer
 from prefkit.policies import Policy, describe, select
 from prefkit.rundir import LINEAGE, config_hash, job_dir, run_dir, write_config, write_json, write_lineage
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 
 def generation_config(s: DictConfig, tokenizer):
@@ -135,14 +139,7 @@ def sample_policy(cfg: DictConfig, policy: Policy, prompts: list[dict], folder: 
     model = freeze(load_causal_lm(policy.path, dtype)).to(device)
     reference = model if policy.is_reference else freeze(load_causal_lm(policy.reference, dtype)).to(device)
     gen = generation_config(s, tokenizer)
-    ds = cfg.dataset
-    budget = min(int(ds.max_prompt_length), int(ds.max_length) - 1)
-    encoded = []
-    for i, row in enumerate(prompts):  # prompt ids exactly as training saw them (same truncation rule)
-        e = encode(tokenizer, row["prompt"], "x", max_length=budget + 1, max_prompt_length=budget,
-                   prompt_truncation=str(ds.get("prompt_truncation", "keep_end")),
-                   prompt_special_tokens=bool(ds.get("prompt_special_tokens", True)), add_eos=False)
-        encoded.append((i, e.ids[:e.prompt_len]))
+    encoded = prompt_ids(tokenizer, prompts, cfg.dataset)
     order = sorted(encoded, key=lambda x: -len(x[1]))  # length-sorted batches: little padding
     writer = SampleWriter(folder, n)
     batch_size = int(s.batch_size)
@@ -157,24 +154,8 @@ def sample_policy(cfg: DictConfig, policy: Policy, prompts: list[dict], folder: 
         for b, batch in enumerate(batches):
             if all(pid in writer.done for pid, _ in batch):
                 continue
-            torch.manual_seed(int(s.seed) * 1_000_003 + b)  # per-batch seed: a restart regenerates identically
-            left = {k: v.to(device) for k, v in collate_left([ids for _, ids in batch], tokenizer.pad_token_id).items()}
-            with torch.no_grad():
-                generated = model.generate(**left, generation_config=gen, num_return_sequences=n)
-            new = generated[:, left["input_ids"].shape[1]:].cpu()
-            rows, seqs = [], []
-            for j in range(new.shape[0]):
-                pid, prompt_ids = batch[j // n]
-                ids = new[j].tolist()
-                finished = tokenizer.eos_token_id in ids
-                ids = ids[: ids.index(tokenizer.eos_token_id) + 1] if finished else ids
-                if not ids:  # max_new_tokens=0 or an immediate pad: keep the row, with no statistics
-                    ids = []
-                seqs.append(Encoded(tuple(prompt_ids) + tuple(ids), len(prompt_ids)))
-                text_ids = ids[:-1] if finished else ids
-                rows.append({"prompt_id": pid, "prompt": prompts[pid]["prompt"], "sample": j % n,
-                             "completion": tokenizer.decode(text_ids, skip_special_tokens=True),
-                             "completion_ids": ids, "n_tokens": len(ids), "finished": finished})
+            rows, seqs = generate_batch(model, tokenizer, batch, gen, n, int(s.seed) * 1_000_003 + b, device)
+            rows = [{"prompt": prompts[r["prompt_id"]]["prompt"], **r} for r in rows]
             if s.stats:
                 _add_stats(rows, seqs, model, reference, tokenizer.pad_token_id, device, req)
             rows = [r for r in rows if r["prompt_id"] not in writer.done]
@@ -186,6 +167,41 @@ def sample_policy(cfg: DictConfig, policy: Policy, prompts: list[dict], folder: 
         time.perf_counter() - t0, 1e-9), "truncated_sampling": int(s.top_k) > 0 or float(s.top_p) < 1.0}
     write_json(folder / "meta.json", meta)
     console.print(f"  {policy.key}: {len(prompts)} prompts × {n} samples ({meta['tokens_per_s']:,.0f} tok/s)")
+
+
+def prompt_ids(tokenizer, prompts: list[dict], ds: DictConfig) -> list[tuple[int, tuple[int, ...]]]:
+    """(prompt index, token ids) of every prompt, exactly as training saw them (same truncation rule)."""
+    budget = min(int(ds.max_prompt_length), int(ds.max_length) - 1)
+    encoded = []
+    for i, row in enumerate(prompts):
+        e = encode(tokenizer, row["prompt"], "x", max_length=budget + 1, max_prompt_length=budget,
+                   prompt_truncation=str(ds.get("prompt_truncation", "keep_end")),
+                   prompt_special_tokens=bool(ds.get("prompt_special_tokens", True)), add_eos=False)
+        encoded.append((i, e.ids[:e.prompt_len]))
+    return encoded
+
+
+def generate_batch(model, tokenizer, batch: list[tuple[int, tuple[int, ...]]], gen: GenerationConfig, n: int,
+                   seed: int, device: torch.device) -> tuple[list[dict], list[Encoded]]:
+    """n completions of each prompt of one left-padded batch, cut after the first EOS; the rows
+    (prompt_id, sample, completion text and ids) and the sequences for the statistics pass."""
+    torch.manual_seed(seed)  # per-batch seed: a restart regenerates identically
+    left = {k: v.to(device) for k, v in collate_left([ids for _, ids in batch], tokenizer.pad_token_id).items()}
+    with torch.no_grad():
+        generated = model.generate(**left, generation_config=gen, num_return_sequences=n)
+    new = generated[:, left["input_ids"].shape[1]:].cpu()
+    rows, seqs = [], []
+    for j in range(new.shape[0]):
+        pid, ids_in = batch[j // n]
+        ids = new[j].tolist()
+        finished = tokenizer.eos_token_id in ids
+        ids = ids[: ids.index(tokenizer.eos_token_id) + 1] if finished else ids
+        seqs.append(Encoded(tuple(ids_in) + tuple(ids), len(ids_in)))
+        text_ids = ids[:-1] if finished else ids
+        rows.append({"prompt_id": pid, "sample": j % n,
+                     "completion": tokenizer.decode(text_ids, skip_special_tokens=True), "completion_ids": ids,
+                     "n_tokens": len(ids), "finished": finished})
+    return rows, seqs
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from prefkit.console import console
 from prefkit.data import Encoded, collate, encode, encode_options
 from prefkit.datasets import load_rows
-from prefkit.logprobs import PolicyModule
+from prefkit.logprobs import PolicyModule, chunk_setting
 from prefkit.models import load_model, load_tokenizer, resolve_model_path, save_policy
 from prefkit.rundir import run_dir, start_job, write_json, write_lineage
 from prefkit.trainer import Trainer, make_accelerator
@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> None:
     if cfg.hardware.get("gradient_checkpointing"):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pad = tokenizer.pad_token_id
-    chunk = int(cfg.hardware.logprob_chunk)
+    chunk = chunk_setting(cfg.hardware.logprob_chunk)
 
     def nll(seqs: list[Encoded]) -> tuple[torch.Tensor, int]:
         batch = {k: v.to(accelerator.device) for k, v in collate(seqs, pad).items()}
