@@ -115,6 +115,11 @@ def test_judge_summary_and_frontier(run):
     assert len(rows) == 7 and {r["objective"] for r in rows} >= {"sft-reference", "dpo", "tdpo2", "drdo"}
     ref = next(r for r in rows if r["objective"] == "sft-reference")
     assert abs(float(ref["kl"])) < 1e-4
+    assert abs(float(ref["gap_to_optimal"])) < 1e-9  # the optimal frontier starts at the reference (β = inf)
+    optimal = list(csv.DictReader((plot / "optimal.csv").open()))
+    trusted = max(float(o["kl"]) for o in optimal if o["low_ess"] == "False")
+    for r in rows:  # no gap where the reference's samples cannot estimate the optimum
+        assert (r["gap_to_optimal"] == "nan") == (float(r["kl"]) > trusted), r
     bon = list(csv.DictReader((plot / "best_of_n.csv").open()))
     assert [int(b["n"]) for b in bon] == [1, 2, 4, 8]
 

@@ -6,7 +6,8 @@ best-of-N curve (KL = log N − (N−1)/N); and the optimal KL-regularised front
 π*_β ∝ π_ref · exp(r/β), estimated from the reference's own samples by self-normalised
 importance weights (effective sample size reported; low-ESS points drawn hollow). Writes
 frontier.csv, optimal.csv, best_of_n.csv, frontier.png and frontier.svg, and prints a table with
-each policy's gap to the optimal frontier at its KL.
+each policy's gap to the optimal frontier at its KL (none beyond the largest KL whose estimate has
+enough effective samples).
 """
 
 from __future__ import annotations
@@ -81,22 +82,26 @@ def run(cfg: DictConfig) -> None:
     optimal, bon = [], []
     if ref_scores and min(len(s) for s in ref_scores) >= 2:
         m = min(len(s) for s in ref_scores)
-        betas = np.geomspace(float(f.beta_min), float(f.beta_max), int(f.n_betas))
-        optimal = estimators.optimal_frontier(ref_scores, list(betas))
+        betas = [math.inf, *np.geomspace(float(f.beta_min), float(f.beta_max), int(f.n_betas))]  # inf: KL 0
+        optimal = estimators.optimal_frontier(ref_scores, betas)
         ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= m]
         bon = estimators.best_of_n_curve(ref_scores, ns)
     else:
         console.print("no reference policy with >= 2 samples per prompt: no optimal frontier or best-of-N curve "
                       "(sample with sample.n_reference=16)")
     trusted = [(o.kl, o.reward) for o in optimal if not o.low_ess]
+    # Beyond the largest KL the reference's samples can reweight to (at most log of their number),
+    # the optimal frontier is unknown: no gap there rather than one against a clamped end point.
+    max_kl = max((k for k, _ in trusted), default=float("nan"))
     for r in rows:
-        r["gap_to_optimal"] = estimators.frontier_gap(r["kl"], r["reward"], trusted) if trusted else float("nan")
+        r["gap_to_optimal"] = estimators.frontier_gap(r["kl"], r["reward"], trusted) \
+            if trusted and r["kl"] <= max_kl else float("nan")
     _write_csv(out / "frontier.csv", rows)
     _write_csv(out / "optimal.csv", [o.__dict__ for o in optimal])
     _write_csv(out / "best_of_n.csv", [{"n": n, "kl": k, "reward": r} for n, k, r in bon])
     title = f"reward ({meta.get('scorer')}) vs KL ({kl_key}) — run {cfg.run.name}"
     _plot(rows, optimal, bon, out, title, kl_key)
-    _table(rows)
+    _table(rows, {p["key"]: p.get("params") or {} for p in points}, max_kl)
     write_json(out / "summary.json", {"points": len(rows), "kl_estimator": kl_key, "scorer": meta.get("scorer"),
                                       "sampling": meta.get("sampling"), "plot": str(out / "frontier.png")})
     write_lineage(out, cfg, {"judge_jobs": sorted({r["judge_job"] for r in rows})})
@@ -126,11 +131,11 @@ def _plot(rows: list[dict], optimal: list, bon: list, out: Path, title: str, kl_
     by_objective: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_objective[r["objective"]].append(r)
-    colors = plt.get_cmap("tab20")
-    for i, (objective, pts) in enumerate(sorted(by_objective.items())):
-        if objective == "sft-reference":
-            continue
-        color = colors(i % 20)
+    objectives = sorted(o for o in by_objective if o != "sft-reference")
+    colors = plt.get_cmap("tab10" if len(objectives) <= 10 else "tab20")
+    for i, objective in enumerate(objectives):
+        pts = by_objective[objective]
+        color = colors(i % colors.N)
         kl = np.array([p["kl"] for p in pts])
         rw = np.array([p["reward"] for p in pts])
         ax.errorbar(kl, rw, xerr=[kl - [p["kl_low"] for p in pts], [p["kl_high"] for p in pts] - kl],
@@ -170,14 +175,33 @@ def _plot(rows: list[dict], optimal: list, bon: list, out: Path, title: str, kl_
     plt.close(fig)
 
 
-def _table(rows: list[dict]) -> None:
+def _varying(rows: list[dict], params: dict[str, dict]) -> dict[str, str]:
+    """Each row's hyperparameters that differ between the points of its objective (all of them for
+    a lone point): the table stays readable; frontier.csv has the full set."""
+    by_objective: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_objective[r["objective"]].append(r)
+    shown = {}
+    for pts in by_objective.values():
+        own = [params.get(r["policy"], {}) for r in pts]
+        keys = set().union(*own)
+        varying = {k for k in keys if len({str(d.get(k)) for d in own}) > 1} if len(pts) > 1 else keys
+        for r, d in zip(pts, own, strict=True):
+            step = f"@{r['step']}" if r.get("step") is not None else ""
+            shown[r["policy"]] = ",".join(f"{k}={d[k]}" for k in sorted(varying) if k in d) + step
+    return shown
+
+
+def _table(rows: list[dict], params: dict[str, dict], max_kl: float) -> None:
     table = Table(title="reward-vs-KL frontier", show_lines=False)
     for col in ("objective", "hyperparameters", "reward [95% CI]", "KL [95% CI]", "gap to optimal"):
         table.add_column(col, justify="right" if col != "objective" else "left")
+    shown = _varying(rows, params)
     for r in sorted(rows, key=lambda r: (r["objective"] != "sft-reference", r["objective"], r["kl"])):
         gap = r["gap_to_optimal"]
-        table.add_row(r["objective"], r["params"] or "-",
+        table.add_row(r["objective"], shown.get(r["policy"]) or "-",
                       f"{r['reward']:.3f} [{r['reward_low']:.3f}, {r['reward_high']:.3f}]",
                       f"{r['kl']:.3f} [{r['kl_low']:.3f}, {r['kl_high']:.3f}]",
-                      "-" if math.isnan(gap) else f"{gap:+.3f}")
+                      f"{gap:+.3f}" if not math.isnan(gap) else
+                      f"- (KL > {max_kl:.2f})" if not math.isnan(max_kl) else "-")
     console.print(table)
