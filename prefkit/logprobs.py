@@ -108,6 +108,11 @@ class Head:
         return int(getattr(self.module, "out_features", 0) or self.weight.shape[0])
 
     @classmethod
+    def identity(cls, vocab: int) -> Head:
+        """For rows that already are logits (e.g. kept from generation)."""
+        return cls(torch.empty(vocab, 0), module=nn.Identity())
+
+    @classmethod
     def of(cls, model: nn.Module) -> Head:
         linear = model.get_output_embeddings()
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -330,11 +335,15 @@ class ReferenceModule(nn.Module):
 
 def stats_from_hidden(hidden: Tensor, model: nn.Module, attention_mask: Tensor, labels: Tensor, *,
                       reference: Reference | None = None, req: TokenRequest = TokenRequest(),
-                      chunk_size: int | None = None, recompute: bool = True) -> SequenceStats:
-    """Per-sequence sums from the policy's final hidden states [N, T, H]."""
+                      chunk_size: int | None = None, recompute: bool = True,
+                      head: Head | None = None) -> SequenceStats:
+    """Per-sequence sums from the policy's final hidden states [N, T, H], or from rows [M, ·]
+    already at the response positions in row-major order (with `head`, e.g. Head.identity for
+    logits; no last_hidden then)."""
     n = labels.shape[0]
     rows, cols, targets = response_positions(labels)
-    per_token = token_stats(hidden[rows, cols], targets, Head.of(model),
+    at_positions = hidden.dim() == 2
+    per_token = token_stats(hidden if at_positions else hidden[rows, cols], targets, head or Head.of(model),
                             ref_hidden=reference.hidden if reference else None,
                             ref_head=reference.head if reference else None,
                             ref_logprobs=reference.logprobs if reference else None, req=req,
@@ -353,8 +362,9 @@ def stats_from_hidden(hidden: Tensor, model: nn.Module, attention_mask: Tensor, 
         if key in per_token:
             setattr(stats, key, seq_sum(per_token[key]))
     stats.mixture_logps = {lam: seq_sum(per_token[f"mix{lam}"]) for lam in req.mixtures}
-    last = attention_mask.sum(-1) - 1  # right padding
-    stats.last_hidden = hidden[torch.arange(n, device=hidden.device), last]
+    if not at_positions:
+        last = attention_mask.sum(-1) - 1  # right padding
+        stats.last_hidden = hidden[torch.arange(n, device=hidden.device), last]
     return stats
 
 

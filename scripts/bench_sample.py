@@ -14,8 +14,9 @@ tokens the same way: up to and including the first EOS (the sample stage's rule)
                     length, batches of sample.batch_size (64: all 32 prompts in one batch), and the
                     stage's generate_batch (collate_left, per-batch seed, generate, cut at EOS, decode).
   + stats pass      the same plus the stage's per-sample statistics (prefkit.stages.sample._add_stats:
-                    one teacher-forced pass of policy and reference with log-probs, exact KLs and
-                    entropy); the sample stage runs it by default (sample.stats=true).
+                    log-probs, exact KLs and entropy from the policy's logits kept at generation
+                    and one teacher-forced pass of the reference); the stage runs it by default
+                    (sample.stats=true).
   one at a time     the same generate_batch on each prompt alone (batch 1).
 
 Prompts: for tiny, the embedded task's eval prompts (2-4 words after BOS); for 100m, random words
@@ -85,12 +86,13 @@ def prefkit_batched(model, reference, tok, prompts, s, gen, device, stats: bool)
     tokens, t_gen, t_stats = 0, 0.0, 0.0
     for b, batch in enumerate(batches):
         t0 = time.perf_counter()
-        rows, seqs = generate_batch(model, tok, batch, gen, int(s.n), int(s.seed) * 1_000_003 + b, device)
+        rows, seqs, logits = generate_batch(model, tok, batch, gen, int(s.n), int(s.seed) * 1_000_003 + b, device,
+                                            keep_logits=stats)  # the stage keeps them for its statistics pass
         bc.sync(device)
         t1 = time.perf_counter()
         t_gen += t1 - t0
         if stats:
-            _add_stats(rows, seqs, model, reference, tok.pad_token_id, device, req)
+            _add_stats(rows, seqs, model, reference, tok.pad_token_id, device, req, logits)
             bc.sync(device)
             t_stats += time.perf_counter() - t1
         tokens += sum(r["n_tokens"] for r in rows)
@@ -104,7 +106,7 @@ def one_at_a_time(model, tok, prompts, s, gen, device) -> tuple[int, float]:
     tokens = 0
     t0 = time.perf_counter()
     for pid, ids in prompts:
-        rows, _ = generate_batch(model, tok, [(pid, ids)], gen, int(s.n), int(s.seed) * 1_000_003 + pid, device)
+        rows, _, _ = generate_batch(model, tok, [(pid, ids)], gen, int(s.n), int(s.seed) * 1_000_003 + pid, device)
         tokens += sum(r["n_tokens"] for r in rows)
     bc.sync(device)
     return tokens, time.perf_counter() - t0

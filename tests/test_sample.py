@@ -67,3 +67,39 @@ def test_a_killed_sample_run_restarts_without_losing_or_duplicating_rows(sft_run
     assert len(resumed) == 32 and not partial.exists()
     assert [(r["prompt_id"], r["sample"]) for r in resumed] == sorted({(r["prompt_id"], r["sample"]) for r in resumed})
     assert resumed == straight
+
+
+def test_statistics_from_generation_logits_equal_a_second_forward():
+    """The sample stage keeps the policy's logits from generation instead of running it again:
+    every statistic must match the teacher-forced pass (left-padded KV-cached decoding vs one
+    right-padded forward)."""
+    import pytest
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from prefkit.logprobs import TokenRequest
+    from prefkit.stages.sample import _add_stats, generate_batch
+
+    tok = build_word_tokenizer(lexicon())
+    config = GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    policy, reference = GPTNeoXForCausalLM(config).eval(), GPTNeoXForCausalLM(config).eval()
+    s = OmegaConf.create({"temperature": 0.9, "top_k": 0, "top_p": 1.0, "max_new_tokens": 12})
+    gen = generation_config(s, tok)
+    words = lexicon()[:20]
+    batch = [(i, (tok.bos_token_id, *tok.convert_tokens_to_ids(words[i:i + 2 + i % 3]))) for i in range(6)]
+    req = TokenRequest(temperature=0.9, kl=True, reverse_kl=True, entropy=True)
+    for ref in (reference, policy):  # an aligned policy, and the reference sampling itself
+        rows, seqs, logits = generate_batch(policy, tok, batch, gen, 2, 7, torch.device("cpu"), keep_logits=True)
+        assert len({len(s.ids) for s in seqs}) > 1  # different lengths: padding on both sides is exercised
+        assert all(len(lg) == r["n_tokens"] for lg, r in zip(logits, rows, strict=True))
+        kept = [dict(r) for r in rows]
+        again = [dict(r) for r in rows]
+        _add_stats(kept, seqs, policy, ref, tok.pad_token_id, torch.device("cpu"), req, logits)
+        _add_stats(again, seqs, policy, ref, tok.pad_token_id, torch.device("cpu"), req)
+        for a, b in zip(kept, again, strict=True):
+            for key in ("logp_policy", "logp_ref", "kl_exact", "kl_forward", "entropy"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
+        assert any(r["kl_exact"] > 1e-3 for r in kept) == (ref is reference)

@@ -20,18 +20,23 @@ from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from prefkit.console import console, progress
 from prefkit.data import Encoded, collate, collate_left, encode
 from prefkit.datasets import load_rows
 from prefkit.errors import UserError
-from prefkit.logprobs import TokenRequest, sequence_stats
+from prefkit.logprobs import Head, TokenRequest, final_hidden, reference_hidden, stats_from_hidden
 from prefkit.models import freeze, load_causal_lm, load_tokenizer
 from prefkit.policies import Policy, describe, select
 from prefkit.rundir import LINEAGE, config_hash, job_dir, run_dir, write_config, write_json, write_lineage
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
+
+# Keep the policy's generation logits for the statistics pass (instead of a second forward of the
+# policy) when one batch's fit in this many bytes (float32).
+KEPT_LOGITS_BYTES = 2**30
 
 
 def generation_config(s: DictConfig, tokenizer):
@@ -139,6 +144,7 @@ def sample_policy(cfg: DictConfig, policy: Policy, prompts: list[dict], folder: 
     model = freeze(load_causal_lm(policy.path, dtype)).to(device)
     reference = model if policy.is_reference else freeze(load_causal_lm(policy.reference, dtype)).to(device)
     gen = generation_config(s, tokenizer)
+    vocab = model.get_output_embeddings().out_features
     encoded = prompt_ids(tokenizer, prompts, cfg.dataset)
     order = sorted(encoded, key=lambda x: -len(x[1]))  # length-sorted batches: little padding
     writer = SampleWriter(folder, n)
@@ -154,10 +160,12 @@ def sample_policy(cfg: DictConfig, policy: Policy, prompts: list[dict], folder: 
         for b, batch in enumerate(batches):
             if all(pid in writer.done for pid, _ in batch):
                 continue
-            rows, seqs = generate_batch(model, tokenizer, batch, gen, n, int(s.seed) * 1_000_003 + b, device)
+            keep = bool(s.stats) and len(batch) * n * int(s.max_new_tokens) * vocab * 4 <= KEPT_LOGITS_BYTES
+            rows, seqs, logits = generate_batch(model, tokenizer, batch, gen, n, int(s.seed) * 1_000_003 + b, device,
+                                                keep_logits=keep)
             rows = [{"prompt": prompts[r["prompt_id"]]["prompt"], **r} for r in rows]
             if s.stats:
-                _add_stats(rows, seqs, model, reference, tokenizer.pad_token_id, device, req)
+                _add_stats(rows, seqs, model, reference, tokenizer.pad_token_id, device, req, logits)
             rows = [r for r in rows if r["prompt_id"] not in writer.done]
             writer.write(rows)
             tokens += sum(r["n_tokens"] for r in rows)
@@ -182,44 +190,59 @@ def prompt_ids(tokenizer, prompts: list[dict], ds: DictConfig) -> list[tuple[int
 
 
 def generate_batch(model, tokenizer, batch: list[tuple[int, tuple[int, ...]]], gen: GenerationConfig, n: int,
-                   seed: int, device: torch.device) -> tuple[list[dict], list[Encoded]]:
-    """n completions of each prompt of one left-padded batch, cut after the first EOS; the rows
-    (prompt_id, sample, completion text and ids) and the sequences for the statistics pass."""
+                   seed: int, device: torch.device, keep_logits: bool = False
+                   ) -> tuple[list[dict], list[Encoded], list[Tensor] | None]:
+    """n completions of each prompt of one left-padded batch, cut after the first EOS: the rows
+    (prompt_id, sample, completion text and ids), the sequences for the statistics pass, and with
+    `keep_logits` each row's raw logits at its completion tokens [len, V] (what the statistics
+    pass would otherwise recompute with a second forward of the policy)."""
     torch.manual_seed(seed)  # per-batch seed: a restart regenerates identically
     left = {k: v.to(device) for k, v in collate_left([ids for _, ids in batch], tokenizer.pad_token_id).items()}
     with torch.no_grad():
-        generated = model.generate(**left, generation_config=gen, num_return_sequences=n)
-    new = generated[:, left["input_ids"].shape[1]:].cpu()
-    rows, seqs = [], []
+        out = model.generate(**left, generation_config=gen, num_return_sequences=n, output_logits=keep_logits,
+                             return_dict_in_generate=True)
+    new = out.sequences[:, left["input_ids"].shape[1]:].cpu()
+    steps = torch.stack(out.logits, dim=1) if keep_logits else None  # [B·n, T, V], before any sampling warper
+    rows, seqs, logits = [], [], []
     for j in range(new.shape[0]):
         pid, ids_in = batch[j // n]
         ids = new[j].tolist()
         finished = tokenizer.eos_token_id in ids
         ids = ids[: ids.index(tokenizer.eos_token_id) + 1] if finished else ids
         seqs.append(Encoded(tuple(ids_in) + tuple(ids), len(ids_in)))
+        if steps is not None:
+            logits.append(steps[j, :len(ids)])
         text_ids = ids[:-1] if finished else ids
         rows.append({"prompt_id": pid, "sample": j % n,
                      "completion": tokenizer.decode(text_ids, skip_special_tokens=True), "completion_ids": ids,
                      "n_tokens": len(ids), "finished": finished})
-    return rows, seqs
+    return rows, seqs, logits if keep_logits else None
 
 
 @torch.no_grad()
-def _add_stats(rows: list[dict], seqs: list[Encoded], model, reference, pad: int, device, req: TokenRequest) -> None:
-    """Sequence log-probs under policy and reference, exact token-level KLs and entropy."""
+def _add_stats(rows: list[dict], seqs: list[Encoded], model, reference, pad: int, device, req: TokenRequest,
+               policy_logits: list[Tensor] | None = None) -> None:
+    """Sequence log-probs under policy and reference, exact token-level KLs and entropy. The
+    policy's side comes from its logits kept at generation when given, else from a forward."""
     has_tokens = [i for i, s in enumerate(seqs) if len(s.ids) > s.prompt_len]
     for i in range(len(rows)):
         rows[i].update({"logp_policy": 0.0, "logp_ref": 0.0, "kl_exact": 0.0, "kl_forward": 0.0, "entropy": 0.0})
     if not has_tokens:
         return
     batch = {k: v.to(device) for k, v in collate([seqs[i] for i in has_tokens], pad).items()}
-    if reference is model:  # the reference itself: its log-ratio and KLs are exactly zero
-        stats = sequence_stats(model, **batch, req=TokenRequest(temperature=req.temperature, entropy=req.entropy),
-                               recompute=False)
+    is_reference = reference is model  # the reference itself: its log-ratio and KLs are exactly zero
+    ref = None if is_reference else reference_hidden(reference, **batch)
+    if policy_logits is None:
+        hidden, head = final_hidden(model, batch["input_ids"], batch["attention_mask"]), None
+    else:
+        hidden = torch.cat([policy_logits[i] for i in has_tokens]).to(device)
+        head = Head.identity(hidden.shape[-1])
+    want = TokenRequest(temperature=req.temperature, entropy=req.entropy) if is_reference else req
+    stats = stats_from_hidden(hidden, model, batch["attention_mask"], batch["labels"], reference=ref, req=want,
+                              recompute=False, head=head)
+    if is_reference:
         stats.ref_logps, stats.reverse_kl, stats.kl = stats.logps, torch.zeros_like(stats.logps), \
             torch.zeros_like(stats.logps)
-    else:
-        stats = sequence_stats(model, **batch, reference=reference, req=req, want_ref_logps=True, recompute=False)
     for j, i in enumerate(has_tokens):
         rows[i].update({"logp_policy": float(stats.logps[j]), "logp_ref": float(stats.ref_logps[j]),
                         "kl_exact": float(stats.reverse_kl[j]), "kl_forward": float(stats.kl[j]),
