@@ -333,6 +333,14 @@ class ReferenceModule(nn.Module):
         return Reference(logprobs=out)
 
 
+def sum_by_sequence(values: Tensor, rows: Tensor, n: int) -> Tensor:
+    """[n] sums of per-token `values` by their sequence `rows`. Sums of hundreds of log-probs of
+    ~-10 lose ~1e-4 in float32, and the objectives subtract two such sums (policy − reference):
+    accumulated in float64 (MPS has none)."""
+    acc = torch.float32 if values.device.type == "mps" else torch.float64
+    return torch.zeros(n, dtype=acc, device=values.device).index_add(0, rows, values.to(acc))
+
+
 def stats_from_hidden(hidden: Tensor, model: nn.Module, attention_mask: Tensor, labels: Tensor, *,
                       reference: Reference | None = None, req: TokenRequest = TokenRequest(),
                       chunk_size: int | None = None, recompute: bool = True,
@@ -350,10 +358,7 @@ def stats_from_hidden(hidden: Tensor, model: nn.Module, attention_mask: Tensor, 
                             chunk_size=chunk_size, recompute=recompute)
 
     def seq_sum(values: Tensor) -> Tensor:
-        # Sums of hundreds of log-probs of ~-10 lose ~1e-4 in float32, and the objectives subtract
-        # two such sums (policy − reference): accumulate in float64 (MPS has none).
-        acc = torch.float32 if values.device.type == "mps" else torch.float64
-        return torch.zeros(n, dtype=acc, device=values.device).index_add(0, rows, values.to(acc))
+        return sum_by_sequence(values, rows, n)
 
     stats = SequenceStats(logps=seq_sum(per_token["logps"]),
                           lengths=torch.zeros(n, dtype=torch.long, device=labels.device).index_add(

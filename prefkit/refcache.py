@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from prefkit.console import console
 from prefkit.data import Encoded, collate
-from prefkit.logprobs import ReferenceModule, TokenRequest, response_positions, sequence_stats
+from prefkit.logprobs import ReferenceModule, TokenRequest, response_positions, sequence_stats, sum_by_sequence
 
 
 def model_fingerprint(path: str) -> str:
@@ -73,9 +73,8 @@ def _sequence_logps(reference: nn.Module, batch: dict, req: TokenRequest, chunk_
     if isinstance(getattr(reference, "module", reference), ReferenceModule):  # sharded: rows from its forward
         ref = reference(**batch, temperature=req.temperature, chunk_size=chunk_size)
         rows, _, targets = response_positions(batch["labels"])
-        token = ref.logprobs.gather(-1, targets[:, None]).squeeze(-1).double()
-        out = torch.zeros(batch["labels"].shape[0], dtype=torch.float64, device=token.device)
-        return out.index_add(0, rows, token)
+        token = ref.logprobs.gather(-1, targets[:, None]).squeeze(-1)
+        return sum_by_sequence(token, rows, batch["labels"].shape[0])
     return sequence_stats(reference, **batch, req=req, chunk_size=chunk_size, recompute=False).logps
 
 

@@ -23,14 +23,21 @@ from prefkit.models import freeze, load_causal_lm, load_tokenizer, save_policy
 REWARD_META = "reward.json"
 
 
-def save_reward_model(module: PolicyModule, tokenizer, path: Path, meta: dict, state: dict | None = None) -> None:
-    """`state`: the full state dict gathered from a sharding engine, if any."""
+def save_reward_head(module: PolicyModule, path: Path, state: dict | None = None) -> None:
+    """The scalar head as reward_head.safetensors, from the module or from `state`, the full state
+    dict gathered from a sharding engine."""
     from prefkit.trainer import save_tensors
 
-    save_policy(module.lm, tokenizer, path, final=True, state=state)
     head = ({k[len("reward_head."):]: v for k, v in state.items() if k.startswith("reward_head.")} if state
             else dict(module.reward_head.state_dict()))
     save_tensors(head, path / "reward_head.safetensors")
+
+
+def save_reward_model(module: PolicyModule, tokenizer, path: Path, meta: dict, state: dict | None = None) -> None:
+    """`state`: the full state dict gathered from a sharding engine, if any."""
+
+    save_policy(module.lm, tokenizer, path, final=True, state=state)
+    save_reward_head(module, path, state)
     (path / REWARD_META).write_text(json.dumps(meta, indent=2))
 
 

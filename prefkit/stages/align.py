@@ -30,8 +30,9 @@ from prefkit.errors import UserError
 from prefkit.logprobs import PolicyModule, ReferenceModule, chunk_setting, reference_hidden
 from prefkit.models import freeze, is_peft, load_model, load_tokenizer, resolve_model_path, save_policy
 from prefkit.objectives import Groups, Needs, Objective, build, sft_nll, trl_metrics
+from prefkit.rewardmodel import save_reward_head
 from prefkit.rundir import job_input, require_job, run_dir, start_job, write_json, write_lineage
-from prefkit.trainer import Trainer, is_sharded, make_accelerator, prepare_reference, save_tensors
+from prefkit.trainer import Trainer, is_sharded, make_accelerator, prepare_reference
 
 log = logging.getLogger("prefkit")
 
@@ -230,9 +231,7 @@ def run(cfg: DictConfig) -> float | None:
         module = accelerator.unwrap_model(trainer.model)
         save_policy(module.lm, tokenizer, path, final, state)
         if module.reward_head is not None:
-            head = ({k[len("reward_head."):]: v for k, v in state.items() if k.startswith("reward_head.")} if state
-                    else dict(module.reward_head.state_dict()))
-            save_tensors(head, path / "reward_head.safetensors")
+            save_reward_head(module, path, state)
 
     trainer = Trainer(cfg, out, policy, accelerator, len(groups["train"]), loss_fn, eval_fn, save_fn,
                       stateful={"objective": objective})

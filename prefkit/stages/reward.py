@@ -80,13 +80,14 @@ def train_member(cfg: DictConfig, member: int, members: int, out: Path, init_pat
     """Train one reward model (one member of an ensemble) and save it."""
     member_out = out if members == 1 else out / f"member-{member}"
     device, pad = accelerator.device, tokenizer.pad_token_id
+    chunk = chunk_setting(cfg.hardware.logprob_chunk)
     torch.manual_seed(int(cfg.seed) + member)  # a different head initialisation per member
     module = PolicyModule(load_model(cfg.model, init_path, "policy", cfg.peft), reward_head=True)
 
     def forward(split: str, indices: list[int]):
         seqs = [s for i in indices for s in groups[split][i]]
         batch = {k: v.to(device) for k, v in collate(seqs, pad).items()}
-        stats, r = trainer.model(**batch, chunk_size=chunk_setting(cfg.hardware.logprob_chunk), recompute=False)
+        stats, r = trainer.model(**batch, chunk_size=chunk, recompute=False)
         b = len(indices)
         r, logps, lengths = r.view(b, 2), stats.logps.view(b, 2), stats.lengths.view(b, 2)
         loss, extra = reward_loss(r, logps, lengths, cfg.reward)

@@ -203,20 +203,22 @@ def generate_batch(model, tokenizer, batch: list[tuple[int, tuple[int, ...]]], g
                              return_dict_in_generate=True)
     new = out.sequences[:, left["input_ids"].shape[1]:].cpu()
     steps = torch.stack(out.logits, dim=1) if keep_logits else None  # [B·n, T, V], before any sampling warper
-    rows, seqs, logits = [], [], []
+    del out  # its per-step logits now live (once) in `steps`
+    rows, seqs = [], []
+    logits: list[Tensor] | None = [] if keep_logits else None
     for j in range(new.shape[0]):
         pid, ids_in = batch[j // n]
         ids = new[j].tolist()
         finished = tokenizer.eos_token_id in ids
         ids = ids[: ids.index(tokenizer.eos_token_id) + 1] if finished else ids
         seqs.append(Encoded(tuple(ids_in) + tuple(ids), len(ids_in)))
-        if steps is not None:
+        if logits is not None:
             logits.append(steps[j, :len(ids)])
         text_ids = ids[:-1] if finished else ids
         rows.append({"prompt_id": pid, "sample": j % n,
                      "completion": tokenizer.decode(text_ids, skip_special_tokens=True), "completion_ids": ids,
                      "n_tokens": len(ids), "finished": finished})
-    return rows, seqs, logits if keep_logits else None
+    return rows, seqs, logits
 
 
 @torch.no_grad()
