@@ -30,16 +30,21 @@ STAGES = {
 }
 
 
+def _load_stage(module: str):
+    """The stage's `run`, imported (with torch and transformers) only when it is about to run."""
+    from prefkit.console import quiet_libraries
+
+    quiet_libraries()
+    return importlib.import_module(module).run
+
+
 def _make_command(stage: str, module: str, help_text: str) -> None:
     @app.command(name=stage, help=help_text, add_help_option=False,
                  context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def command(ctx: typer.Context) -> None:
         from prefkit.config import run_stage
-        from prefkit.console import quiet_libraries
 
-        quiet_libraries()
-        task = importlib.import_module(module).run
-        run_stage(stage, list(ctx.args), task)
+        run_stage(stage, list(ctx.args), lambda: _load_stage(module))
 
 
 for _stage, (_module, _help) in STAGES.items():

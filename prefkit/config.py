@@ -47,7 +47,9 @@ def job_name(job: str | None, prefix: str, prefix_key: str, overrides: list[str]
     taken from the `prefix_key` override if any) plus the other overrides that change the
     computation, e.g. `tdpo2,objective.alpha=0.3`."""
     if job:
-        return _safe(str(job))
+        from prefkit.rundir import check_name
+
+        return check_name(job, "job")
     items = []
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
@@ -60,7 +62,7 @@ def job_name(job: str | None, prefix: str, prefix_key: str, overrides: list[str]
 
 def _safe(name: str) -> str:
     name = re.sub(r"[/\\\s'\"]", "_", name)
-    if len(name) > 200:  # keep paths sane; the full overrides are in .hydra/overrides.yaml
+    if len(name) > 200:  # keep paths sane; the full overrides are in lineage.json
         import hashlib
         name = name[:180] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
     return name
@@ -96,10 +98,18 @@ def _override_variants(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in combos]
 
 
+def _is_group_choice(override: str) -> bool:
+    """`objective=tdpo2`, `hydra/launcher=...`: a config-group choice, not a value."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return "/" in key or ("." not in key and bool(_group_options(key)))
+
+
 def validate(stage: str, overrides: list[str]) -> None:
     """Compose every job of the (possibly swept) command; raise UserError on the first problem."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    from prefkit import schema
 
     register_resolvers()
     search = user_search_path()
@@ -110,7 +120,7 @@ def validate(stage: str, overrides: list[str]) -> None:
             try:
                 cfg = compose(config_name=stage, overrides=extra + variant)
                 # the same groups without value overrides: the reference for value types
-                groups_only = [o for o in variant if "." not in o.split("=", 1)[0] and not o.startswith("hydra")]
+                groups_only = [o for o in variant if _is_group_choice(o)]
                 defaults = compose(config_name=stage, overrides=extra + groups_only)
             except Exception as err:
                 raise UserError(_explain(stage, variant, err)) from None
@@ -118,6 +128,7 @@ def validate(stage: str, overrides: list[str]) -> None:
             if missing:
                 raise UserError(f"{stage} needs a value for {', '.join(missing)} (add e.g. {missing[0]}=...)")
             _check_types(cfg, defaults)
+            schema.check(cfg)
     GlobalHydra.instance().clear()
 
 
@@ -220,8 +231,10 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-def run_stage(stage: str, args: list[str], task: Callable[[DictConfig], None]) -> None:
-    """Validate, then hand `args` to a hydra.main entry point for conf/<stage>.yaml."""
+def run_stage(stage: str, args: list[str], load_task: Callable[[], Callable[[DictConfig], float | None]]) -> None:
+    """Validate, then hand `args` to a hydra.main entry point for conf/<stage>.yaml. The stage's
+    code (and torch) is imported only once the command is known to be valid: a bad override
+    answers in a second."""
     import hydra
 
     from prefkit.console import print_error
@@ -234,18 +247,24 @@ def run_stage(stage: str, args: list[str], task: Callable[[DictConfig], None]) -
         except UserError as err:
             print_error(stage, str(err))
             raise SystemExit(2) from None
+    task = load_task()
     search = user_search_path()
     extra = [f"hydra.searchpath=[{','.join(search)}]"] if search else []
 
     @hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")
     def _entry(cfg: DictConfig) -> float | None:
-        try:
-            return task(cfg)
-        except UserError as err:
-            from prefkit.rundir import discard_if_unstarted, job_dir
+        from prefkit.rundir import JobBusy, discard_if_unstarted, job_dir, job_lock
 
+        out = job_dir()
+        try:
+            with job_lock(out):
+                return task(cfg)
+        except JobBusy as err:  # the holder's job: touch nothing
             print_error(stage, str(err))
-            discard_if_unstarted(job_dir())
+            raise SystemExit(2) from None
+        except UserError as err:
+            print_error(stage, str(err))
+            discard_if_unstarted(out)
             raise SystemExit(2) from None
 
     sys.argv = [f"prefkit {stage}", *flags, *extra, *overrides]

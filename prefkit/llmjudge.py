@@ -55,30 +55,49 @@ def to_verdict(label: str | None, candidate_is_a: bool, tie_word: str | None) ->
     return 1.0 if (label == "A") == candidate_is_a else 0.0
 
 
-def openai_backend(model: str, max_tokens: int, temperature: float, retries: int = 3) -> Callable[[list[dict]], str]:
-    base = os.environ.get("PREFKIT_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-    model = os.environ.get("PREFKIT_JUDGE_MODEL") or model
-    if not model:
-        raise UserError("the openai judge needs a model: judge.llm.model=... or PREFKIT_JUDGE_MODEL")
+class JudgeUnavailable(Exception):
+    """The endpoint did not answer after every retry (the comparisons judged so far are kept)."""
 
-    def call(messages: list[dict]) -> str:
+
+class OpenAIBackend:
+    """Chat completions from any OpenAI-compatible endpoint. A reply that is not a readable chat
+    completion (bad bytes, no choices) becomes an empty text, hence an invalid verdict, recorded;
+    a transport failure is retried and then raises JudgeUnavailable. The models that answered are
+    collected (`models_seen`) for the results file."""
+
+    def __init__(self, model: str, max_tokens: int, temperature: float, timeout_s: float = 120.0, retries: int = 3):
+        self.base = os.environ.get("PREFKIT_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL") or \
+            "https://api.openai.com/v1"
+        self.model = os.environ.get("PREFKIT_JUDGE_MODEL") or model
+        if not self.model:
+            raise UserError("the openai judge needs a model: judge.llm.model=... or PREFKIT_JUDGE_MODEL")
+        self.max_tokens, self.temperature, self.timeout_s, self.retries = max_tokens, temperature, timeout_s, retries
+        self.models_seen: set[str] = set()
+
+    def __call__(self, messages: list[dict]) -> str:
         key = os.environ.get("PREFKIT_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-        body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens,
-                           "temperature": temperature}).encode()
-        for attempt in range(retries):
+        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+                           "temperature": self.temperature}).encode()
+        for attempt in range(self.retries):
             try:
-                req = urllib.request.Request(base.rstrip("/") + "/chat/completions", data=body, headers=headers)
-                with urllib.request.urlopen(req, timeout=120) as resp:
-                    return json.loads(resp.read())["choices"][0]["message"]["content"]
-            except (OSError, KeyError, json.JSONDecodeError) as err:
-                if attempt == retries - 1:
+                req = urllib.request.Request(self.base.rstrip("/") + "/chat/completions", data=body, headers=headers)
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                    raw = resp.read()
+                break
+            except OSError as err:
+                if attempt == self.retries - 1:
                     # never echo the request (it carries the key in its headers)
-                    raise UserError(f"judge endpoint {base} failed: {type(err).__name__}") from None
+                    raise JudgeUnavailable(f"judge endpoint {self.base} failed {self.retries} times "
+                                           f"({type(err).__name__})") from None
                 time.sleep(2 ** attempt)
-        return ""
-
-    return call
+        try:
+            reply = json.loads(raw.decode("utf-8"))
+            if reply.get("model"):
+                self.models_seen.add(str(reply["model"]))
+            return str(reply["choices"][0]["message"]["content"])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+            return ""
 
 
 def hf_backend(path: str, max_tokens: int, device: str) -> Callable[[list[dict]], str]:
@@ -106,7 +125,8 @@ def hf_backend(path: str, max_tokens: int, device: str) -> Callable[[list[dict]]
 def make_backend(llm: DictConfig, device: str) -> Callable[[list[dict]], str]:
     backend = str(llm.backend)
     if backend == "openai":
-        return openai_backend(str(llm.get("model") or ""), int(llm.max_new_tokens), float(llm.temperature))
+        return OpenAIBackend(str(llm.get("model") or ""), int(llm.max_new_tokens), float(llm.temperature),
+                             float(llm.get("timeout_s", 120)), int(llm.get("retries", 3)))
     if backend == "hf":
         if not llm.get("model"):
             raise UserError("judge.llm.model must name a local HF chat model for backend=hf")
@@ -115,9 +135,14 @@ def make_backend(llm: DictConfig, device: str) -> Callable[[list[dict]], str]:
 
 
 def judge_both_orders(call: Callable[[list[dict]], str], template: Template, prompt: str, candidate: str,
-                      baseline: str) -> tuple[Verdict, Verdict, list[str]]:
-    """(verdict with the candidate as A, verdict with it as B, the judge's raw texts)."""
-    first = call(template.render(prompt, candidate, baseline))
-    second = call(template.render(prompt, baseline, candidate))
+                      baseline: str, done: int = 0) -> tuple[Verdict, Verdict, list[str]]:
+    """(verdict with the candidate as A, verdict with it as B, the judge's raw texts). `done`: how
+    many comparisons are already saved, for the message when the endpoint gives up."""
+    try:
+        first = call(template.render(prompt, candidate, baseline))
+        second = call(template.render(prompt, baseline, candidate))
+    except JudgeUnavailable as err:
+        raise UserError(f"{err}; the {done} comparison(s) judged so far are kept: rerun the same command to go on "
+                        "(judge.llm.timeout_s and judge.llm.retries set the patience)") from None
     return (to_verdict(template.parse(first), True, template.tie_word),
             to_verdict(template.parse(second), False, template.tie_word), [first, second])

@@ -69,6 +69,9 @@ def embedded_dir(name: str, arch: dict[str, Any], cache_root: Path) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    from prefkit.rundir import share_safetensors
+
+    share_safetensors(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(out)
@@ -206,17 +209,19 @@ def save_policy(lm: nn.Module, tokenizer, path: Path, final: bool = True, state:
     """An HF model directory that `from_pretrained` loads. A LoRA policy is saved merged (plus
     its adapter in adapter/); mid-training it is merged on a copy so training can go on.
     `state`: the full state dict a sharding engine gathered (keys under `prefix`)."""
+    from prefkit.rundir import share_safetensors
+
     if state is not None:
         if is_peft(lm):
             raise UserError("LoRA under FSDP/DeepSpeed is not supported")
         lm.save_pretrained(path, state_dict={k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        tokenizer.save_pretrained(path)
-        return
-    if is_peft(lm):
-        lm.save_pretrained(path / "adapter")
-        if not final:
-            import copy
-            lm = copy.deepcopy(lm)
-        lm = lm.merge_and_unload()
-    lm.save_pretrained(path)
+    else:
+        if is_peft(lm):
+            lm.save_pretrained(path / "adapter")
+            if not final:
+                import copy
+                lm = copy.deepcopy(lm)
+            lm = lm.merge_and_unload()
+        lm.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    share_safetensors(path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -81,7 +80,9 @@ def _sequence_logps(reference: nn.Module, batch: dict, req: TokenRequest, chunk_
 def load_or_compute(run: Path, key: str, groups: dict[str, list[list[Encoded]]], make_reference,
                     pad_id: int, device: torch.device, batch_size: int, temperature: float,
                     chunk_size: int | None, is_main: bool = True, context=None) -> dict[str, Tensor]:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from prefkit.rundir import save_safetensors
 
     path = run / "cache" / "ref_logps" / f"{key}.safetensors"
     if path.exists():
@@ -92,8 +93,5 @@ def load_or_compute(run: Path, key: str, groups: dict[str, list[list[Encoded]]],
     result = {split: compute(reference, g, pad_id, device, batch_size, temperature, chunk_size, context)
               for split, g in groups.items()}
     if is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(result, str(tmp))
-        os.replace(tmp, path)
+        save_safetensors(result, path)
     return result

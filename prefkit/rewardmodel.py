@@ -26,11 +26,12 @@ REWARD_META = "reward.json"
 def save_reward_head(module: PolicyModule, path: Path, state: dict | None = None) -> None:
     """The scalar head as reward_head.safetensors, from the module or from `state`, the full state
     dict gathered from a sharding engine."""
-    from prefkit.trainer import save_tensors
+    from prefkit.checkpoint import unique_tensors
+    from prefkit.rundir import save_safetensors
 
     head = ({k[len("reward_head."):]: v for k, v in state.items() if k.startswith("reward_head.")} if state
             else dict(module.reward_head.state_dict()))
-    save_tensors(head, path / "reward_head.safetensors")
+    save_safetensors(unique_tensors(head), path / "reward_head.safetensors")
 
 
 def save_reward_model(module: PolicyModule, tokenizer, path: Path, meta: dict, state: dict | None = None) -> None:

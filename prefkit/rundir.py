@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -36,8 +37,31 @@ import prefkit
 from prefkit.errors import UserError
 
 LINEAGE = "lineage.json"
-# Keys that do not change what a job computes, so they stay out of its config hash.
-_UNHASHED = ("run", "job", "overwrite", "logger", "resume")
+LOCK = ".lock"
+# Keys that do not change what a job computes, so they stay out of its config hash (a job may be
+# resumed with other values of these). Dotted keys name one leaf.
+_UNHASHED = ("run", "job", "overwrite", "logger", "resume", "hardware.num_threads")
+# A run or job name is one path component that every later command can pass back unquoted.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+@-]{0,199}")
+
+
+def check_name(value: object, what: str) -> str:
+    """`value` as a run or job name, or a UserError: one path component (no separators, not
+    `.` or `..`, not hidden), at most 200 characters of letters, digits and `_ . = + @ -`."""
+    name = str(value)
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        raise UserError(f"bad {what} {name!r}: use one name of letters, digits and _ . = + @ - (no '/', no "
+                        "leading '.', at most 200 characters)")
+    return name
+
+
+def check_inside(path: Path, parent: Path) -> Path:
+    """`path`, resolved, if it lies strictly inside `parent`; a UserError otherwise (the guard of
+    every destructive operation on the run directory)."""
+    resolved, base = path.resolve(), parent.resolve()
+    if resolved == base or base not in resolved.parents:
+        raise UserError(f"refusing to modify {path}: it is not inside {parent}")
+    return resolved
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -51,11 +75,39 @@ def job_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def config_hash(cfg: DictConfig) -> str:
-    data = OmegaConf.to_container(cfg, resolve=True)
+def identity(cfg: DictConfig | dict) -> dict[str, Any]:
+    """The resolved config without the keys that do not change what a job computes."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
+    data.pop("hydra", None)
     for key in _UNHASHED:
-        data.pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        parent, _, leaf = key.rpartition(".")
+        node = data.get(parent) if parent else data
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return data
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
+    return out
+
+
+def config_differences(old: DictConfig | dict, new: DictConfig | dict, limit: int = 4) -> list[str]:
+    """The keys whose values differ between two configs' identities, as 'key: old -> new' (changed
+    values first, then keys that only one of them has)."""
+    a, b = _flat(identity(old)), _flat(identity(new))
+    keys = sorted((k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>")),
+                  key=lambda k: (k not in a or k not in b, k))
+    shown = [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in keys[:limit]]
+    return shown + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
 
 
 def code_version() -> str:
@@ -73,18 +125,57 @@ def code_version() -> str:
 
 # --- atomic writes ------------------------------------------------------------------------------
 
+TMP_MARK = ".tmp-"
+
+
 def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """A temporary name beside `path`, unique to this process and call (two writers never share one)."""
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{os.urandom(3).hex()}")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable_by_group(path: Path) -> None:
+    """Give a file the mode a plain open() would (0666 minus the umask): some writers, safetensors
+    among them, create 0600 files that a group sharing the run directory could not read."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def share_safetensors(folder: Path) -> None:
+    """readable_by_group for every safetensors file under `folder` (save_pretrained writes 0600)."""
+    for path in folder.rglob("*.safetensors"):
+        readable_by_group(path)
+
+
+def save_safetensors(tensors: dict, path: Path) -> None:
+    """Write a safetensors file atomically, readable as any other file of the run directory."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    try:
+        save_file(tensors, str(tmp))
+        readable_by_group(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -117,12 +208,24 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 class MetricsLog:
-    """metrics.jsonl: appended one line per log event, flushed as it goes."""
+    """metrics.jsonl: appended one line per log event, flushed as it goes. A job resumed from the
+    checkpoint of step N keeps the rows up to step N (and drops those a kill left after it, which
+    the resumed run logs again)."""
 
-    def __init__(self, path: Path, resume: bool = False):
+    def __init__(self, path: Path, resume_step: int | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._f = open(path, "a" if resume else "w")  # noqa: SIM115  (held open for the run)
+        if resume_step is not None and path.exists():
+            kept = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by the kill
+                    continue
+                if isinstance(row, dict) and row.get("step", 0) <= resume_step:
+                    kept.append(line + "\n")
+            write_text(path, "".join(kept))
+        self._f = open(path, "a" if resume_step is not None else "w")  # noqa: SIM115  (held open for the run)
 
     def log(self, row: dict[str, Any]) -> None:
         self._f.write(json.dumps(row, default=float) + "\n")
@@ -201,8 +304,18 @@ def write_lineage(path: Path, cfg: DictConfig, inputs: dict[str, Any], extra: di
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": socket.gethostname(),
         "argv": sys.argv,
+        "overrides": _hydra_overrides(),
         **(extra or {}),
     })
+
+
+def _hydra_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra job (tests, the Python API)
+        return []
 
 
 def job_input(job: Job) -> dict[str, str]:
@@ -210,22 +323,117 @@ def job_input(job: Job) -> dict[str, str]:
     return {"path": str(job.path), "config_hash": job.lineage().get("config_hash", "")}
 
 
-def start_job(cfg: DictConfig) -> Path | None:
+def start_job(cfg: DictConfig, incremental: bool = False) -> Path | None:
     """Open the current job directory: None if it is already complete (and overwrite is off),
-    else the path, emptied first when overwrite=true, with the resolved config written."""
+    else the path, emptied first when overwrite=true, with the resolved config written.
+
+    A job that exists (complete, or killed and resumable) continues only under the same config:
+    otherwise one line names the keys that differ. `incremental` stages (sample) add to a
+    complete job instead of skipping it."""
     from prefkit.console import console
 
     out = job_dir()
-    if (out / LINEAGE).exists() and not cfg.get("overwrite"):
-        console.print(f"{out} is already complete; skipping (overwrite=true redoes it)")
-        return None
+    stage_dir = run_dir(cfg) / str(cfg.stage)
+    check_inside(out, stage_dir)
     if cfg.get("overwrite"):
         for item in out.iterdir():
-            if item.name == ".hydra" or item.suffix == ".log":
+            if item.name in (".hydra", LOCK) or item.suffix == ".log":
                 continue
             shutil.rmtree(item) if item.is_dir() else item.unlink()
+    elif (out / "config.yaml").exists():
+        previous = OmegaConf.load(out / "config.yaml")
+        diff = config_differences(previous, cfg)
+        if diff:
+            state = "complete" if (out / LINEAGE).exists() else "started (and can resume)"
+            raise UserError(f"{out} is a {state} job with another config ({'; '.join(diff)}); rerun with its "
+                            "settings, choose another job=<name>, or pass overwrite=true to redo it")
+        if (out / LINEAGE).exists() and not incremental:
+            console.print(f"{out} is already complete; skipping (overwrite=true redoes it)")
+            return None
+    remove_stale_temporaries(out)
     write_config(out, cfg)
     return out
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Temporary files and directories that a killed writer left (never a finished artifact)."""
+    for item in list(path.rglob(f"*{TMP_MARK}*")) + list(path.rglob("*.tmp")):
+        if item.exists() and item.name.startswith("."):
+            shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+
+
+class JobBusy(UserError):
+    """Another process holds the job's lock (its directory must then be left alone)."""
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (accelerate, torchrun), or a plain process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (Linux), to tell a live holder from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(holder: dict) -> bool | None:
+    """True/False when it can be told (same host), None for a holder on another host."""
+    if holder.get("host") != socket.gethostname():
+        return None
+    pid = int(holder.get("pid", -1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    started = holder.get("process_start")
+    return started is None or _process_start(pid) in (None, started)
+
+
+@contextlib.contextmanager
+def job_lock(path: Path) -> Iterator[None]:
+    """Hold <job>/.lock (the holder's pid, host and command) while a job runs: a second writer
+    stops with one line naming the first. A lock whose holder is gone (same host) is stale and
+    is taken over."""
+    from prefkit.console import console
+
+    if not is_main_process():
+        yield
+        return
+    lock = path / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            alive = _holder_alive(holder) if holder else (time.time() - lock.stat().st_mtime < 30)
+            if alive is False or (not holder and not alive):
+                console.print(f"{path}: removing a stale lock (pid {holder.get('pid', '?')} is no longer running)")
+                lock.unlink(missing_ok=True)
+                continue
+            who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+            raise JobBusy(f"{path} is in use by {who} ({holder.get('command', '?')}); wait for it to finish, or "
+                            f"remove {lock} if that process is gone") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise UserError(f"cannot take the lock {lock}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            if json.loads(lock.read_text()).get("pid") == os.getpid():
+                lock.unlink()
 
 
 def discard_if_unstarted(out: Path) -> None:
@@ -233,7 +441,7 @@ def discard_if_unstarted(out: Path) -> None:
     the config (so a failed command leaves nothing half-written), and its empty parents."""
     if not out.is_dir():
         return
-    bookkeeping = {".hydra", "config.yaml", f"{out.parent.name}.log"}
+    bookkeeping = {".hydra", "config.yaml", LOCK, f"{out.parent.name}.log"}
     if any(item.name not in bookkeeping for item in out.iterdir()):
         return
     shutil.rmtree(out, ignore_errors=True)

@@ -9,8 +9,8 @@ metrics.jsonl, the progress bar and (optionally) wandb.
 
 from __future__ import annotations
 
+import hashlib
 import math
-import random
 import shutil
 import time
 from collections import defaultdict
@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from prefkit import checkpoint
 from prefkit.console import console, log, progress
 from prefkit.data import EpochSampler
 from prefkit.errors import UserError
@@ -126,21 +127,6 @@ def _schedule(name: str, warmup: int, total: int) -> Callable[[int], float]:
     raise UserError(f"unknown train.scheduler '{name}'; valid: constant, linear, cosine")
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @dataclass
 class Plan:
     """Batch arithmetic: global batch = micro-batch × accumulation × processes."""
@@ -194,19 +180,15 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------
 
-    def _checkpoints(self) -> list[Path]:
-        base = self.out / "checkpoints"
-        found = [p for p in base.glob("step-*") if p.is_dir() and (p / "trainer_state.pt").exists()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
     def save_checkpoint(self) -> None:
+        """checkpoints/step-<N>/ (see prefkit.checkpoint), staged and renamed into place; the oldest
+        beyond train.keep_checkpoints are removed."""
         acc = self.accelerator
         target = self.out / "checkpoints" / f"step-{self.step}"
         weights = acc.get_state_dict(self.model)  # a collective under FSDP/ZeRO-3: every process takes part
         frozen = self._frozen_names()
         if frozen:  # LoRA: the frozen base comes back from its own files; save only what trains
             weights = {k: v for k, v in weights.items() if k not in frozen}
-        stateful = {k: v.state_dict() for k, v in self.stateful.items()}
         staging = target.with_name(f".{target.name}.tmp")
         sharded = is_sharded(acc)
         if sharded:  # sharded optimizer state: the engine writes it, every process its part
@@ -215,57 +197,51 @@ class Trainer:
             acc.wait_for_everyone()
             acc.save_state(str(staging / "engine"))
         if acc.is_main_process:
-            staging.mkdir(parents=True, exist_ok=True)
-            save_tensors(weights, staging / "weights.safetensors")
-            # Tensors of stateful objects (e.g. TR-DPO's moving reference) go to safetensors too.
-            save_tensors({f"{k}/{n}": t for k, st in stateful.items() for n, t in st.items()
-                          if isinstance(t, Tensor)}, staging / "stateful.safetensors")
+            state = checkpoint.TrainingState(
+                progress=checkpoint.Progress(self.step, self.skipped, self.bad_in_a_row, self.tokens),
+                config_hash=config_hash(self.cfg), scheduler=self.scheduler.state_dict(),
+                sampler=self.sampler.state_dict(), optimizer=None if sharded else self.optimizer.state_dict(),
+                stateful={k: v.state_dict() for k, v in self.stateful.items()}, partial_weights=bool(frozen))
+            checkpoint.save(staging, weights, state)
             if self.save_fn and self.cfg.train.get("keep_checkpoints_after_training"):
                 self.save_fn(staging / "model", False, weights if sharded else None)  # sampleable checkpoint
-            torch.save({
-                "step": self.step, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row,
-                "tokens": self.tokens, "optimizer": None if sharded else self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                "rng": _rng_state(), "config_hash": config_hash(self.cfg), "partial_weights": bool(frozen),
-                "stateful": {k: {n: v for n, v in st.items() if not isinstance(v, Tensor)}
-                             for k, st in stateful.items()},
-            }, staging / "trainer_state.pt")
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)  # the checkpoint exists only once complete
-            keep = int(self.cfg.train.get("keep_checkpoints", 2))
-            for old in self._checkpoints()[:-keep] if keep > 0 else []:
+            for old in checkpoint.listed(self.out / "checkpoints")[:-int(self.cfg.train.get("keep_checkpoints", 2))]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
     def maybe_resume(self) -> bool:
-        found = self._checkpoints()
-        if not found:
-            return False
-        ckpt = found[-1]
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-        if state["config_hash"] != config_hash(self.cfg):
+        """Restore the newest readable checkpoint; a corrupt one is set aside with a line saying so,
+        and the one before it is tried (or training starts over)."""
+        for ckpt in reversed(checkpoint.listed(self.out / "checkpoints")):
+            try:
+                weights, state = checkpoint.load(ckpt)
+            except checkpoint.CorruptCheckpoint as err:
+                moved = checkpoint.set_aside(ckpt) if self.accelerator.is_main_process else ckpt
+                console.print(f"[yellow]checkpoint {ckpt} is unreadable ({err}); set aside as {moved.name}[/]")
+                continue
+            self._restore(ckpt, weights, state)
+            return True
+        return False
+
+    def _restore(self, ckpt: Path, weights: dict[str, Tensor], state: checkpoint.TrainingState) -> None:
+        if state.config_hash != config_hash(self.cfg):
             raise UserError(f"{ckpt} was made with a different config; rerun with the same overrides to resume, "
                             "or pass overwrite=true to start over")
-        from safetensors.torch import load_file
-
-        if state["optimizer"] is None:  # written by a sharding engine: it restores weights and optimizer
+        if state.optimizer is None:  # written by a sharding engine: it restores weights and optimizer
             self.accelerator.load_state(str(ckpt / "engine"))
         else:
-            load_tensors(self.accelerator.unwrap_model(self.model), load_file(ckpt / "weights.safetensors"),
-                         partial=state.get("partial_weights", False))
-            self.optimizer.load_state_dict(state["optimizer"])
-        tensors = load_file(ckpt / "stateful.safetensors")
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.step, self.skipped = state["step"], state["skipped"]
-        self.bad_in_a_row, self.tokens = state["bad_in_a_row"], state["tokens"]
+            load_tensors(self.accelerator.unwrap_model(self.model), weights, partial=state.partial_weights)
+            self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.sampler.load_state_dict(state.sampler)
+        p = state.progress
+        self.step, self.skipped, self.bad_in_a_row, self.tokens = p.step, p.skipped, p.bad_in_a_row, p.tokens
         for key, obj in self.stateful.items():
-            st = dict(state["stateful"].get(key, {}))
-            st.update({n.split("/", 1)[1]: t for n, t in tensors.items() if n.split("/", 1)[0] == key})
-            obj.load_state_dict(st)
-        _set_rng_state(state["rng"])
+            obj.load_state_dict(state.stateful.get(key, {}))
+        checkpoint.set_rng_state(state.rng)
         console.print(f"resumed from {ckpt} (step {self.step}/{self.plan.total_steps})")
-        return True
 
     def _frozen_names(self) -> set[str]:
         module = self.accelerator.unwrap_model(self.model)
@@ -334,7 +310,8 @@ class Trainer:
         """Train to `total_steps`, resuming from the job's last checkpoint if there is one."""
         acc, plan, t = self.accelerator, self.plan, self.cfg.train
         resumed = self.maybe_resume()
-        metrics_log = MetricsLog(self.out / "metrics.jsonl", resume=resumed) if acc.is_main_process else None
+        metrics_log = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resumed else None) \
+            if acc.is_main_process else None
         wandb_run = self._wandb() if acc.is_main_process else None
         console.print(f"[bold]{self.cfg.stage}[/] {self.out}: {plan.total_steps} steps of {plan.batch_size} "
                       f"({plan.micro_batch_size} × {plan.accumulation} accumulation × {plan.world_size} process(es))")
@@ -403,7 +380,7 @@ class Trainer:
             return None
         import wandb
 
-        run_id = config_hash(self.cfg)
+        run_id = wandb_run_id(self.out, self.cfg)
         return wandb.init(project=str(self.cfg.logger.project), name=f"{self.cfg.run.name}/{self.out.parent.name}/"
                           f"{self.out.name}", id=run_id, resume="allow", dir=str(self.out),
                           config=OmegaConf.to_container(self.cfg, resolve=True))
@@ -421,23 +398,13 @@ class Trainer:
         log.debug("finalized %s", save_dir)
 
 
-def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    """safetensors refuses shared storage (tied embeddings): keep one copy of each tensor."""
-    from safetensors.torch import save_file
-
-    seen: dict[tuple, str] = {}
-    unique = {}
-    for name, t in tensors.items():
-        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else (name,)
-        if key in seen:
-            continue
-        seen[key] = name
-        unique[name] = t.detach().contiguous().cpu()
-    save_file(unique, str(path))
+def wandb_run_id(out: Path, cfg: DictConfig) -> str:
+    """One wandb run per job: its place in the run directory and its config (a resume finds it again)."""
+    return hashlib.sha256(f"{out.resolve()}|{config_hash(cfg)}".encode()).hexdigest()[:16]
 
 
 def load_tensors(model: nn.Module, tensors: dict[str, Tensor], partial: bool = False) -> None:
-    """Load a state dict saved by `save_tensors`: every parameter must come back, except tied
+    """Load a state dict saved by `checkpoint.save`: every parameter must come back, except tied
     ones whose twin did (and, for `partial` checkpoints, the frozen ones)."""
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     params = dict(model.state_dict(keep_vars=True))

@@ -143,7 +143,8 @@ class _AlwaysA(http.server.BaseHTTPRequestHandler):
         self.seen_keys.append(self.headers.get("Authorization", ""))
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         assert body["messages"][-1]["content"].count("Continuation A:") == 1
-        reply = {"choices": [{"message": {"content": "Comparison: A is nicer.\nPreferred: A"}}]}
+        text = "Comparison: A is nicer.\nPreferred: A"
+        reply = {"model": "fake-judge-v2", "choices": [{"message": {"content": text}}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -171,9 +172,92 @@ def test_llm_judge_asks_both_orders_and_never_stores_the_key(run):
         server.shutdown()
     assert _AlwaysA.seen_keys and all(k == f"Bearer {secret}" for k in _AlwaysA.seen_keys)
     assert len(_AlwaysA.seen_keys) == 10  # 5 prompts × both orders
-    r = json.loads((run / "judge/llm/winrates.json").read_text())["results"][dpo]
+    result = json.loads((run / "judge/llm/winrates.json").read_text())
+    assert result["answered_by"] == ["fake-judge-v2"]
+    r = result["results"][dpo]
     # A always wins: the candidate wins as A and loses as B -> every comparison is a tie (fastchat rule)
     assert r["rate"] == 0.5 and r["ties"] == 5 and r["position_consistency"] == 0.0
     for path in run.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml", ".log"):
             assert secret not in path.read_text(errors="ignore"), path
+
+
+class _TiresAfterFour(http.server.BaseHTTPRequestHandler):
+    """Answers four requests (two comparisons) as _AlwaysA would, then stops answering in time."""
+
+    calls: ClassVar[list[int]] = []
+
+    def do_POST(self):
+        self.calls.append(1)
+        if len(self.calls) > 4:
+            return  # no reply: the client times out
+        self.rfile.read(int(self.headers["Content-Length"]))
+        data = json.dumps({"choices": [{"message": {"content": "Preferred: A"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(handler):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_an_llm_judge_that_gives_up_keeps_every_finished_comparison(run):
+    index = json.loads((run / "sample/eval/policies.json").read_text())
+    dpo = next(k for k in index if k.startswith("align/dpo,"))
+    args = ["judge", f"run.name={RUN}", "job=llm-resume", "judge.task=winrate", "judge.samples=eval",
+            "judge.winrate.judge=llm", "judge.llm.model=fake-judge", f"judge.winrate.candidates='{dpo}'",
+            "judge.winrate.max_prompts=5", "judge.llm.timeout_s=0.5", "judge.llm.retries=1", *TINY]
+    slow = _serve(_TiresAfterFour)
+    try:
+        proc = prefkit(*args, cwd=run.parent.parent, check=False,
+                       env={"PREFKIT_JUDGE_BASE_URL": f"http://127.0.0.1:{slow.server_port}"})
+    finally:
+        slow.shutdown()
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and "the 2 comparison(s) judged so far are kept" in lines[-1], proc.stderr
+    _AlwaysA.seen_keys.clear()
+    good = _serve(_AlwaysA)
+    try:  # a single string for a list option is one item
+        prefkit(*args, cwd=run.parent.parent, env={"PREFKIT_JUDGE_BASE_URL": f"http://127.0.0.1:{good.server_port}"})
+    finally:
+        good.shutdown()
+    assert len(_AlwaysA.seen_keys) == 6  # only the 3 comparisons not yet judged, both orders
+    r = json.loads((run / "judge/llm-resume/winrates.json").read_text())["results"][dpo]
+    assert r["n"] == 5 and r["ties"] == 5
+
+
+class _Garbled(http.server.BaseHTTPRequestHandler):
+    replies: ClassVar[list[bytes]] = [b"\xff\xfe not utf-8", b'{"choices": []}', b'{"choices": [{"message": {}}]}',
+                                      b"not json"]
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        data = self.replies.pop(0)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_unreadable_judge_replies_are_invalid_verdicts_not_crashes(monkeypatch):
+    from prefkit.llmjudge import OpenAIBackend, Template, judge_both_orders
+
+    server = _serve(_Garbled)
+    monkeypatch.setenv("PREFKIT_JUDGE_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+    try:
+        backend = OpenAIBackend("m", 8, 0.0, timeout_s=5, retries=1)
+        template = Template("", "{prompt} {a} {b}", r"Preferred:\s*([AB])")
+        for _ in range(2):
+            assert judge_both_orders(backend, template, "p", "a", "b")[:2] == (None, None)
+    finally:
+        server.shutdown()

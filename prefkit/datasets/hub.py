@@ -21,6 +21,7 @@ import os
 import random
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -182,6 +183,9 @@ def _open(src: Mapping, split: str, ds: Mapping, where: str):
                             f"it has: {', '.join(map(str, data_files))}")
         files = data_files[hub_split]
         path = _builder(files, where)
+        if path == "json":
+            for f in [files] if isinstance(files, str) else files:
+                check_json_file(Path(str(f)), where)
         kwargs["data_files"] = {hub_split: files}
         desc = f"{files if isinstance(files, str) else ', '.join(map(str, files))} (split {hub_split})"
     else:
@@ -212,6 +216,53 @@ def _open(src: Mapping, split: str, ds: Mapping, where: str):
             hint = "; set dataset.splits to existing split names"
         raise UserError(f"{where}: cannot load {desc}: {type(err).__name__}: {first}{hint}") from None
     return table, desc, carve
+
+
+def _opener(path: Path):
+    import bz2
+    import gzip
+    import lzma
+
+    return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
+
+
+def check_json_file(path: Path, where: str) -> None:
+    """A local JSON/JSONL file: present, not empty, UTF-8, and (JSON Lines) one object per line, or
+    one JSON document; the first fault is reported with its line number, which the datasets
+    library's own error does not give."""
+    if not path.exists():
+        raise UserError(f"{where}: data file {path} does not exist")
+    if path.suffix.lower() in (".zst", ".zstd"):
+        return
+    first_error: str | None = None
+    lines = 0
+    with _opener(path)(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{where}: {path} line {number} is not UTF-8 text (byte {err.start}: "
+                                f"{raw[err.start:err.start + 1]!r})") from None
+            if not text.strip():
+                continue
+            lines += 1
+            if first_error is None:
+                try:
+                    row = json.loads(text)
+                    if not isinstance(row, dict):
+                        first_error = f"line {number} is a JSON {type(row).__name__}, not an object"
+                except json.JSONDecodeError as err:
+                    first_error = f"line {number} is not valid JSON ({err.msg} at column {err.colno})"
+    if lines == 0:
+        raise UserError(f"{where}: data file {path} is empty")
+    if first_error is not None:
+        with _opener(path)(path, "rt", encoding="utf-8") as f:
+            try:
+                json.load(f)  # one JSON document (an array, or an object with a field) is fine too
+                return
+            except json.JSONDecodeError:
+                pass
+        raise UserError(f"{where}: {path} {first_error}")
 
 
 def _check_columns(found: list[str], missing: list[str], desc: str, where: str) -> None:

@@ -12,8 +12,6 @@ already complete, so nothing is lost or duplicated; samples.jsonl appears when a
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +27,8 @@ from prefkit.errors import UserError
 from prefkit.logprobs import Head, TokenRequest, final_hidden, reference_hidden, stats_from_hidden
 from prefkit.models import freeze, load_causal_lm, load_tokenizer
 from prefkit.policies import Policy, describe, select
-from prefkit.rundir import LINEAGE, config_hash, job_dir, run_dir, write_config, write_json, write_lineage
+from prefkit.rundir import run_dir, start_job, write_json, write_lineage
+from prefkit.samplestore import SampleWriter, read_samples
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -59,63 +58,10 @@ def policy_dir(out: Path, policy: Policy) -> Path:
     return out / "external" / policy.key.replace("/", "_").replace(":", "_")
 
 
-def _read_partial(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill
-                    break
-    return rows
-
-
-class SampleWriter:
-    """Append-only rows with fsync per batch; on restart, rows of prompts left incomplete are
-    dropped (their batch is regenerated, identically, from its own seed)."""
-
-    def __init__(self, folder: Path, n_per_prompt: int):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.partial, self.final = folder / "samples.partial.jsonl", folder / "samples.jsonl"
-        rows = _read_partial(self.partial)
-        counts: dict[int, int] = {}
-        for r in rows:
-            counts[r["prompt_id"]] = counts.get(r["prompt_id"], 0) + 1
-        self.done = {pid for pid, c in counts.items() if c == n_per_prompt}
-        kept = [r for r in rows if r["prompt_id"] in self.done]
-        with open(self.partial, "w") as f:  # rewrite without any incomplete prompt
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        self._f = open(self.partial, "a")  # noqa: SIM115  (held open while sampling)
-
-    def write(self, rows: list[dict]) -> None:
-        self._f.write("".join(json.dumps(r) + "\n" for r in rows))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self.done.update(r["prompt_id"] for r in rows)
-
-    def finish(self) -> None:
-        self._f.close()
-        rows = sorted(_read_partial(self.partial), key=lambda r: (r["prompt_id"], r["sample"]))
-        tmp = self.final.with_name(".samples.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, self.final)
-        self.partial.unlink()
-
-
 def run(cfg: DictConfig) -> None:
     s = cfg.sample
-    out = job_dir()
+    out = start_job(cfg, incremental=True)  # a complete job still takes policies added since
     run_path = run_dir(cfg)
-    if cfg.get("overwrite"):
-        import shutil
-        for item in out.iterdir():
-            if item.name != ".hydra" and not item.name.endswith(".log"):
-                shutil.rmtree(item) if item.is_dir() else item.unlink()
-    elif (out / LINEAGE).exists() and json.loads((out / LINEAGE).read_text()).get("config_hash") != config_hash(cfg):
-        raise UserError(f"{out} was sampled with a different config; use another job name or overwrite=true")
-    write_config(out, cfg)
     policies = select(run_path, OmegaConf.to_container(s.policies) if OmegaConf.is_list(s.policies) else
                       str(s.policies), bool(s.checkpoints), s.get("reference"))
     # prompts are read with the first policy's tokenizer (token-length prefixes, chat templates)
@@ -126,7 +72,7 @@ def run(cfg: DictConfig) -> None:
                           else "cpu")
     if cfg.hardware.get("num_threads"):
         torch.set_num_threads(int(cfg.hardware.num_threads))
-    todo = [p for p in policies if not (policy_dir(out, p) / "samples.jsonl").exists()]
+    todo = [p for p in policies if not samples_complete(policy_dir(out, p))]
     console.print(f"[bold]sample[/] {out}: {len(prompts)} prompts, {len(todo)} of {len(policies)} policies to do")
     for policy in todo:
         sample_policy(cfg, policy, prompts, policy_dir(out, policy), device)
@@ -134,6 +80,22 @@ def run(cfg: DictConfig) -> None:
     write_json(out / "policies.json", index)
     write_lineage(out, cfg, {"policies": {p.key: p.path for p in policies}, "dataset": str(cfg.dataset.name)},
                   {"sampling": OmegaConf.to_container(s, resolve=True)})
+
+
+def samples_complete(folder: Path) -> bool:
+    """Whether a policy's samples.jsonl holds every row its meta.json promises; a damaged one is
+    removed (with a line saying so) so that the policy is sampled again."""
+    final, meta = folder / "samples.jsonl", folder / "meta.json"
+    if not final.exists():
+        return False
+    try:
+        read_samples(folder)
+        return True
+    except UserError as err:
+        console.print(f"[yellow]{err}; sampling it again[/]")
+        final.unlink()
+        meta.unlink(missing_ok=True)
+        return False
 
 
 def sample_policy(cfg: DictConfig, policy: Policy, prompts: list[dict], folder: Path, device: torch.device) -> None:
@@ -170,10 +132,9 @@ def sample_policy(cfg: DictConfig, policy: Policy, prompts: list[dict], folder: 
             writer.write(rows)
             tokens += sum(r["n_tokens"] for r in rows)
             bar.update(task, completed=len(writer.done), tps=f"{tokens / (time.perf_counter() - t0):,.0f}")
-    writer.finish()
     meta = {"policy": describe(policy), "n": n, "prompts": len(prompts), "tokens_per_s": tokens / max(
         time.perf_counter() - t0, 1e-9), "truncated_sampling": int(s.top_k) > 0 or float(s.top_p) < 1.0}
-    write_json(folder / "meta.json", meta)
+    writer.finish(meta)
     console.print(f"  {policy.key}: {len(prompts)} prompts × {n} samples ({meta['tokens_per_s']:,.0f} tok/s)")
 
 
