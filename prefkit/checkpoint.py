@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from prefkit.errors import UserError
 from prefkit.rundir import save_safetensors, write_json
 
 STATE_JSON, STATE_TENSORS, WEIGHTS = "state.json", "state.safetensors", "weights.safetensors"
@@ -191,3 +192,17 @@ def set_aside(folder: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     folder.rename(target)
     return target
+
+
+def load_weights(model: nn.Module, tensors: dict[str, Tensor], partial: bool = False) -> None:
+    """Load a state dict saved by `checkpoint.save`: every parameter must come back, except tied
+    ones whose twin did (and, for `partial` checkpoints, the frozen ones)."""
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    params = dict(model.state_dict(keep_vars=True))
+    loaded_ptrs = {params[n].data_ptr() for n in tensors if n in params}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    untied_missing = [n for n in missing if params[n].data_ptr() not in loaded_ptrs
+                      and (not partial or n in trainable)]
+    if untied_missing or unexpected:
+        raise UserError(f"checkpoint does not match the model (missing: {untied_missing[:3]}, "
+                        f"unexpected: {list(unexpected)[:3]})")

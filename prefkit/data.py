@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from prefkit.errors import UserError
-from prefkit.logprobs import IGNORE
+
+IGNORE = -100  # the label of prompt and padding positions: no loss, no statistic
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,10 @@ Plain functions over numpy arrays (or lists); no I/O, and every random draw come
   (cluster bootstrap), because samples of one prompt are not independent;
 - `rewards_by_prompt` is a list (one entry per prompt) of the rewards of M_x ≥ 1 i.i.d. samples from the
   reference policy for that prompt; the lists may have different lengths.
-Protocols: specs/anchors.md §7–8 (frontier, judge), specs/exo.md §4.1 and §4.5 (eval_kl, SNIS),
-specs/tdpo.md §3.1 (which KL).
+Protocols: the reward-vs-KL frontier of the DPO paper (Rafailov et al. 2023, Fig. 2) with KL per
+prompt first, then over prompts (Ji et al. 2024, §4.1); density ratios by self-normalised
+importance sampling (Ji et al. 2024, §4.1, Fig. 3); the two-order LLM judge of MT-Bench and
+Arena-Hard (Zheng et al. 2023).
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ def kl_estimates(logp_policy: ArrayLike, logp_ref: ArrayLike, kl_exact: ArrayLik
     k1: mean of log π(y) − log π_ref(y); k3: mean of (r − 1) − log r, r = π_ref(y)/π(y);
     exact: mean of the given per-sample Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t)) along each sample, used as is.
     All three target the same number only under untruncated sampling (T = 1, no top-k/top-p) with
-    log-probs of the sampling distribution (specs/tdpo.md §3.1); the exact sum has the lowest variance.
+    log-probs of the sampling distribution; the exact sum has the lowest variance.
     With `prompt_ids`: mean per prompt first, then over prompts (each prompt weighted equally, EXO's
     eval_kl), with a cluster-bootstrap CI over prompts; without, the plain mean and item bootstrap.
     """
@@ -450,7 +452,7 @@ class OptimalPoint:
 def optimal_point(rewards_by_prompt: Sequence[Sequence[float]], beta: float,
                   ess_threshold: float | None = None) -> OptimalPoint:
     """Per prompt, with its M reference samples y_i ~ π_ref and w = softmax(r/β) (self-normalised
-    importance weights of π*_β ∝ π_ref·exp(r/β), specs/exo.md §4.5):
+    importance weights of π*_β ∝ π_ref·exp(r/β), as Ji et al. 2024 estimate density ratios in §4.1):
       reward = Σ_i w_i r_i,   kl = Σ_i w_i log(M w_i)  (≤ log M),   ESS = 1/Σ_i w_i²  (1 … M);
     reward and kl are averaged over prompts, ESS gives mean and min. `beta` > 0, +inf allowed (π* = π_ref).
     `ess_threshold` defaults to 0.1·M̄ (M̄ = mean samples per prompt): below it the estimate leans on

@@ -1,7 +1,7 @@
 """Pairwise LLM-as-judge: a local HF chat model or any OpenAI-compatible endpoint, with the
 prompt template and verdict pattern from conf/judge_template/<name>.yaml.
 
-Every comparison is asked twice with the positions swapped (anchors.md §8); verdicts map back
+Every comparison is asked twice with the positions swapped (as MT-Bench and Arena-Hard do); verdicts map back
 to the candidate's side; a verdict that cannot be parsed counts as invalid and is left out of
 the denominator (and reported). The endpoint's key is read from the environment at call time
 and never stored in a config, a log or a results file.

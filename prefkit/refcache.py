@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from prefkit.console import console
 from prefkit.data import Encoded, collate
-from prefkit.logprobs import ReferenceModule, TokenRequest, response_positions, sequence_stats, sum_by_sequence
+from prefkit.modules import ShardableReference, sequence_stats
+from prefkit.tokenstats import TokenRequest, response_positions, sum_by_sequence
 
 
 def model_fingerprint(path: str) -> str:
@@ -58,7 +59,7 @@ def compute(reference: nn.Module, groups: list[list[Encoded]], pad_id: int, devi
     model's disable_adapter, to make the policy its own reference)."""
     k = len(groups[0])
     flat = [seq for group in groups for seq in group]
-    out = torch.empty(len(flat), dtype=torch.float64)  # sums: see logprobs.stats_from_hidden
+    out = torch.empty(len(flat), dtype=torch.float64)  # sums: see tokenstats.sum_by_sequence
     req = TokenRequest(temperature=temperature)
     for start in range(0, len(flat), batch_size):
         batch = {key: v.to(device) for key, v in collate(flat[start:start + batch_size], pad_id).items()}
@@ -69,7 +70,7 @@ def compute(reference: nn.Module, groups: list[list[Encoded]], pad_id: int, devi
 
 
 def _sequence_logps(reference: nn.Module, batch: dict, req: TokenRequest, chunk_size: int | None) -> Tensor:
-    if isinstance(getattr(reference, "module", reference), ReferenceModule):  # sharded: rows from its forward
+    if isinstance(getattr(reference, "module", reference), ShardableReference):  # sharded: rows from its forward
         ref = reference(**batch, temperature=req.temperature, chunk_size=chunk_size)
         rows, _, targets = response_positions(batch["labels"])
         token = ref.logprobs.gather(-1, targets[:, None]).squeeze(-1)

@@ -17,13 +17,14 @@ from torch import nn
 
 from prefkit.data import collate, encode, join_text
 from prefkit.errors import UserError
-from prefkit.logprobs import PolicyModule
-from prefkit.models import freeze, load_causal_lm, load_tokenizer, save_policy
+from prefkit.models import freeze, load_causal_lm, load_tokenizer
+from prefkit.modules import StatsLM
+from prefkit.rundir import write_json
 
 REWARD_META = "reward.json"
 
 
-def save_reward_head(module: PolicyModule, path: Path, state: dict | None = None) -> None:
+def save_reward_head(module: StatsLM, path: Path, state: dict | None = None) -> None:
     """The scalar head as reward_head.safetensors, from the module or from `state`, the full state
     dict gathered from a sharding engine."""
     from prefkit.checkpoint import unique_tensors
@@ -34,18 +35,15 @@ def save_reward_head(module: PolicyModule, path: Path, state: dict | None = None
     save_safetensors(unique_tensors(head), path / "reward_head.safetensors")
 
 
-def save_reward_model(module: PolicyModule, tokenizer, path: Path, meta: dict, state: dict | None = None) -> None:
-    """`state`: the full state dict gathered from a sharding engine, if any."""
-
-    save_policy(module.lm, tokenizer, path, final=True, state=state)
-    save_reward_head(module, path, state)
-    (path / REWARD_META).write_text(json.dumps(meta, indent=2))
+def write_reward_meta(path: Path, meta: dict) -> None:
+    """reward.json: how the reward model tokenizes (so scoring matches training), its kind, its member index."""
+    write_json(path / REWARD_META, meta)
 
 
-def load_head_model(path: Path, dtype: str = "float32") -> PolicyModule:
+def load_head_model(path: Path, dtype: str = "float32") -> StatsLM:
     from safetensors.torch import load_file
 
-    module = PolicyModule(load_causal_lm(str(path), dtype), reward_head=True)
+    module = StatsLM(load_causal_lm(str(path), dtype), reward_head=True)
     module.reward_head.load_state_dict(load_file(str(path / "reward_head.safetensors")))
     return freeze(module)
 

@@ -1,14 +1,16 @@
 """The one training loop that sft, reward and align share.
 
-A stage hands it a model, the number of training examples, and two functions: `loss_fn(indices,
-train)` turns a micro-batch of example indices into (loss, metrics), `eval_fn()` returns held-out
-metrics. The loop owns everything else: optimizer and schedule, gradient accumulation and
-clipping, evaluation and checkpoints every N steps, exact resume, non-finite-loss skipping,
-metrics.jsonl, the progress bar and (optionally) wandb.
+A stage hands it a model, the number of training examples, and up to three functions of the
+(prepared) model: `loss_fn(model, indices, training)` turns a micro-batch of example indices into
+(loss, metrics), `eval_fn(model)` returns held-out metrics, `save_fn(module, path, final, state)`
+writes an HF model directory. The loop owns everything else: optimizer and schedule, gradient
+accumulation and clipping, evaluation and checkpoints every N steps, exact resume (prefkit.
+checkpoint), non-finite-loss skipping, metrics.jsonl, the progress bar and (optionally) wandb.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import shutil
@@ -27,78 +29,15 @@ from torch import Tensor, nn
 from prefkit import checkpoint
 from prefkit.console import console, log, progress
 from prefkit.data import EpochSampler
+from prefkit.engine import is_sharded
 from prefkit.errors import UserError
 from prefkit.rundir import MetricsLog, atomic_dir, config_hash, write_json
+from prefkit.stateful import Stateful
 
-LossFn = Callable[[list[int], bool], tuple[Tensor, dict[str, Any]]]
-
-
-class Stateful:
-    """Anything whose state must survive a resume (an objective's β, a moving reference...)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def on_optimizer_step(self, accelerator) -> dict[str, float]:
-        """Called after each successful optimizer step; may return metrics to log."""
-        return {}
-
-    def on_skipped_step(self) -> None:
-        """Called when a step is skipped for a non-finite loss (drop accumulated statistics)."""
-
-
-def make_accelerator(hardware: DictConfig, model_cfg: DictConfig | None = None, train: DictConfig | None = None):
-    """An Accelerator for the hardware config. DDP needs nothing but the launcher (accelerate
-    launch / torchrun); FSDP and DeepSpeed ZeRO get their plugin from hardware.fsdp /
-    hardware.deepspeed (the block to wrap from the model config)."""
-    from accelerate import Accelerator
-
-    precision = {"fp32": "no", "float32": "no", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
-                 "float16": "fp16"}.get(str(hardware.precision))
-    if precision is None:
-        raise UserError(f"unknown hardware.precision '{hardware.precision}'; valid: fp32, bf16, fp16")
-    if hardware.get("num_threads"):
-        torch.set_num_threads(int(hardware.num_threads))
-    kwargs: dict[str, Any] = {}
-    distributed = str(hardware.get("distributed", "none"))
-    if distributed == "fsdp":
-        from accelerate import FullyShardedDataParallelPlugin
-
-        f = hardware.fsdp
-        block = model_cfg.get("fsdp_block") if model_cfg is not None else None
-        if not block:
-            raise UserError("hardware=fsdp needs model.fsdp_block (the transformer block class to wrap)")
-        version = int(f.get("version", 2))
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=version, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[str(block)],
-            reshard_after_forward=bool(f.reshard_after_forward), cpu_offload=bool(f.cpu_offload),
-            activation_checkpointing=bool(f.activation_checkpointing), state_dict_type="FULL_STATE_DICT",
-            **({"use_orig_params": True} if version == 1 else {}))
-    elif distributed == "deepspeed":
-        from accelerate.utils import DeepSpeedPlugin
-
-        d = hardware.deepspeed
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
-            zero_stage=int(d.zero_stage), offload_optimizer_device=str(d.offload_optimizer),
-            offload_param_device=str(d.offload_param), zero3_init_flag=False, zero3_save_16bit_model=True,
-            gradient_clipping=float(train.max_grad_norm) if train is not None and train.get("max_grad_norm") else None)
-    elif distributed not in ("none", "ddp"):
-        raise UserError(f"unknown hardware.distributed '{distributed}'; valid: none, ddp, fsdp, deepspeed")
-    acc = Accelerator(cpu=str(hardware.device) == "cpu", mixed_precision=precision, **kwargs)
-    if distributed in ("fsdp", "deepspeed") and acc.num_processes == 1 and str(hardware.device) == "cpu":
-        raise UserError(f"hardware.distributed={distributed} needs GPUs and a launcher "
-                        "(accelerate launch --num_processes N -m prefkit.cli ...)")
-    return acc
-
-
-def is_sharded(accelerator) -> bool:
-    """FSDP or DeepSpeed: parameters exist whole only inside a module's forward."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+LossFn = Callable[[nn.Module, list[int], bool], tuple[Tensor, dict[str, Any]]]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+# (the unwrapped module, directory, final?, the full state dict a sharding engine gathered, or None)
+SaveFn = Callable[[nn.Module, Path, bool, "dict | None"], None]
 
 
 def _optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
@@ -159,10 +98,10 @@ class Trainer:
     accelerator: Any
     n_train: int
     loss_fn: LossFn
-    eval_fn: Callable[[], dict[str, float]] | None = None
-    # writes an HF model dir: (path, final?, full state dict gathered from a sharded engine or None)
-    save_fn: Callable[[Path, bool, dict | None], None] | None = None
+    eval_fn: EvalFn | None = None
+    save_fn: SaveFn | None = None
     stateful: dict[str, Stateful] = field(default_factory=dict)
+    on_step: Callable[[int], None] | None = None  # called after every optimizer step (benchmarks time it)
 
     def __post_init__(self) -> None:
         t = self.cfg.train
@@ -203,8 +142,8 @@ class Trainer:
                 sampler=self.sampler.state_dict(), optimizer=None if sharded else self.optimizer.state_dict(),
                 stateful={k: v.state_dict() for k, v in self.stateful.items()}, partial_weights=bool(frozen))
             checkpoint.save(staging, weights, state)
-            if self.save_fn and self.cfg.train.get("keep_checkpoints_after_training"):
-                self.save_fn(staging / "model", False, weights if sharded else None)  # sampleable checkpoint
+            if self.save_fn and self.cfg.train.get("keep_checkpoints_after_training"):  # a sampleable checkpoint
+                self.save_fn(acc.unwrap_model(self.model), staging / "model", False, weights if sharded else None)
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)  # the checkpoint exists only once complete
             for old in checkpoint.listed(self.out / "checkpoints")[:-int(self.cfg.train.get("keep_checkpoints", 2))]:
@@ -232,7 +171,7 @@ class Trainer:
         if state.optimizer is None:  # written by a sharding engine: it restores weights and optimizer
             self.accelerator.load_state(str(ckpt / "engine"))
         else:
-            load_tensors(self.accelerator.unwrap_model(self.model), weights, partial=state.partial_weights)
+            checkpoint.load_weights(self.accelerator.unwrap_model(self.model), weights, partial=state.partial_weights)
             self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.sampler.load_state_dict(state.sampler)
@@ -270,9 +209,9 @@ class Trainer:
         micros = self._micro_batches()
         for i, indices in enumerate(micros):
             sync = i == len(micros) - 1
-            ctx = acc.no_sync(self.model) if not sync and plan.world_size > 1 else _nullctx()
+            ctx = acc.no_sync(self.model) if not sync and plan.world_size > 1 else contextlib.nullcontext()
             with ctx, acc.autocast():
-                loss, metrics = self.loss_fn(indices, True)
+                loss, metrics = self.loss_fn(self.model, indices, True)
                 if not torch.isfinite(loss.detach()):
                     bad += 1
                 acc.backward(loss / plan.accumulation)
@@ -308,68 +247,41 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train to `total_steps`, resuming from the job's last checkpoint if there is one."""
-        acc, plan, t = self.accelerator, self.plan, self.cfg.train
+        plan, t = self.plan, self.cfg.train
         resumed = self.maybe_resume()
-        metrics_log = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resumed else None) \
-            if acc.is_main_process else None
-        wandb_run = self._wandb() if acc.is_main_process else None
+        log = _Log(self, resumed)
         console.print(f"[bold]{self.cfg.stage}[/] {self.out}: {plan.total_steps} steps of {plan.batch_size} "
                       f"({plan.micro_batch_size} × {plan.accumulation} accumulation × {plan.world_size} process(es))")
-        last_eval: dict[str, float] = {}
         eval_every, save_every = int(t.get("eval_every") or 0), int(t.get("save_every") or 0)
-        log_every = int(self.cfg.logger.get("every", 10))
-
-        def emit(row: dict[str, Any]) -> None:
-            if metrics_log:
-                metrics_log.log(row)
-            if wandb_run:
-                wandb_run.log(row, step=self.step)
-
+        last_eval: dict[str, float] = {}
         if self.eval_fn and t.get("eval_at_start") and not resumed:
-            last_eval = self._evaluate()
-            emit({"step": 0, **last_eval})
-        window: dict[str, list[float]] = defaultdict(list)
-        t0, tok0 = time.perf_counter(), self.tokens
-        bar = progress(loss="loss", lr="lr", tps="tok/s")
-        with bar:
-            task = bar.add_task(str(self.cfg.stage), total=plan.total_steps, completed=self.step,
-                                loss="-", lr="-", tps="-")
+            last_eval = log.eval(0, self._evaluate())
+        with log.bar:
             while self.step < plan.total_steps:
+                # one optimizer step over the accumulated micro-batches (or a skipped one)
                 row = self._train_step()
-                self.tokens += int(row.pop("num_tokens", 0))
-                for key, val in row.items():
-                    window[key].append(val)
                 if "nonfinite" in row:
+                    log.window(row)
                     continue
-                elapsed = time.perf_counter() - t0
-                tps = (self.tokens - tok0) / max(elapsed, 1e-9)
-                lr = self.scheduler.get_last_lr()[0]
-                bar.update(task, completed=self.step, loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
-                if self.step % log_every == 0 or self.step == plan.total_steps:
-                    means = {k: float(np.mean(v)) for k, v in window.items()}
-                    means["skipped_steps"] = float(self.skipped)  # a running count, not a mean
-                    emit({"step": self.step, "epoch": self.step / plan.steps_per_epoch, "lr": lr,
-                          "tokens": self.tokens, "tokens_per_s": tps, **means})
-                    window.clear()
+                log.train(row)
+                if self.on_step:
+                    self.on_step(self.step)
+                # held-out metrics every eval_every steps and at the end
                 if self.eval_fn and eval_every and (self.step % eval_every == 0 or self.step == plan.total_steps):
-                    last_eval = self._evaluate()
-                    emit({"step": self.step, **last_eval})
+                    last_eval = log.eval(self.step, self._evaluate())
+                # a full-state checkpoint every save_every steps (the final model is written by finalize)
                 if save_every and self.step % save_every == 0 and self.step < plan.total_steps:
                     self.save_checkpoint()
         if self.eval_fn and not last_eval:
-            last_eval = self._evaluate()
-            emit({"step": self.step, **last_eval})
-        if metrics_log:
-            metrics_log.close()
-        if wandb_run:
-            wandb_run.finish()
+            last_eval = log.eval(self.step, self._evaluate())
+        log.close()
         return {**last_eval, "skipped_steps": float(self.skipped), "steps": float(self.step),
                 "tokens": float(self.tokens)}
 
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()
         with torch.no_grad(), self.accelerator.autocast():
-            result = self.eval_fn()
+            result = self.eval_fn(self.model)
         self.model.train()
         summary = "  ".join(f"{k} {v:.4g}" for k, v in list(result.items())[:6])
         console.print(f"  step {self.step}: {summary}")
@@ -391,66 +303,65 @@ class Trainer:
         full = self.accelerator.get_state_dict(self.model) if is_sharded(self.accelerator) else None
         if self.accelerator.is_main_process and self.save_fn:
             with atomic_dir(save_dir) as tmp:
-                self.save_fn(tmp, True, full)
+                self.save_fn(self.accelerator.unwrap_model(self.model), tmp, True, full)
         if self.accelerator.is_main_process and not self.cfg.train.get("keep_checkpoints_after_training", False):
             shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
         write_json(self.out / "plan.json", self.plan.__dict__) if self.accelerator.is_main_process else None
         log.debug("finalized %s", save_dir)
 
 
+class _Log:
+    """Where a run's numbers go: metrics.jsonl (main process), wandb, the progress bar, and the
+    window of training rows averaged between two log lines."""
+
+    def __init__(self, trainer: Trainer, resumed: bool):
+        self.t = trainer
+        main = trainer.accelerator.is_main_process
+        self.file = MetricsLog(trainer.out / "metrics.jsonl", resume_step=trainer.step if resumed else None) \
+            if main else None
+        self.wandb = trainer._wandb() if main else None
+        self.every = int(trainer.cfg.logger.get("every", 10))
+        self.rows: dict[str, list[float]] = defaultdict(list)
+        self.t0, self.tokens0 = time.perf_counter(), trainer.tokens
+        self.bar = progress(loss="loss", lr="lr", tps="tok/s")
+        self.task = self.bar.add_task(str(trainer.cfg.stage), total=trainer.plan.total_steps,
+                                      completed=trainer.step, loss="-", lr="-", tps="-")
+
+    def emit(self, row: dict[str, Any]) -> None:
+        if self.file:
+            self.file.log(row)
+        if self.wandb:
+            self.wandb.log(row, step=self.t.step)
+
+    def window(self, row: dict[str, Any]) -> None:
+        self.t.tokens += int(row.pop("num_tokens", 0))
+        for key, val in row.items():
+            self.rows[key].append(val)
+
+    def train(self, row: dict[str, Any]) -> None:
+        self.window(row)
+        t = self.t
+        tps = (t.tokens - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
+        lr = t.scheduler.get_last_lr()[0]
+        self.bar.update(self.task, completed=t.step, loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
+        if t.step % self.every == 0 or t.step == t.plan.total_steps:
+            means = {k: float(np.mean(v)) for k, v in self.rows.items()}
+            means["skipped_steps"] = float(t.skipped)  # a running count, not a mean
+            self.emit({"step": t.step, "epoch": t.step / t.plan.steps_per_epoch, "lr": lr, "tokens": t.tokens,
+                       "tokens_per_s": tps, **means})
+            self.rows.clear()
+
+    def eval(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        self.emit({"step": step, **metrics})
+        return metrics
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
 def wandb_run_id(out: Path, cfg: DictConfig) -> str:
     """One wandb run per job: its place in the run directory and its config (a resume finds it again)."""
     return hashlib.sha256(f"{out.resolve()}|{config_hash(cfg)}".encode()).hexdigest()[:16]
-
-
-def load_tensors(model: nn.Module, tensors: dict[str, Tensor], partial: bool = False) -> None:
-    """Load a state dict saved by `checkpoint.save`: every parameter must come back, except tied
-    ones whose twin did (and, for `partial` checkpoints, the frozen ones)."""
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    params = dict(model.state_dict(keep_vars=True))
-    loaded_ptrs = {params[n].data_ptr() for n in tensors if n in params}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    untied_missing = [n for n in missing if params[n].data_ptr() not in loaded_ptrs
-                      and (not partial or n in trainable)]
-    if untied_missing or unexpected:
-        raise UserError(f"checkpoint does not match the model (missing: {untied_missing[:3]}, "
-                        f"unexpected: {list(unexpected)[:3]})")
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def prepare_reference(accelerator, module: nn.Module, hardware: DictConfig, model_cfg: DictConfig) -> nn.Module:
-    """Place the frozen reference for the engine in use: as is (one device, DDP: no gradients, so
-    nothing to synchronise), sharded block by block with FSDP2's fully_shard (hardware=fsdp), or in
-    a DeepSpeed ZeRO-3 inference engine (hardware=deepspeed_zero3), so that it costs each GPU
-    only its shard. Its forward then gathers the weights (prefkit.logprobs.ReferenceModule)."""
-    from accelerate.utils import DistributedType
-
-    module.eval()
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.fsdp import fully_shard
-
-        block = str(model_cfg.fsdp_block)
-        module.to(accelerator.device)
-        for sub in module.modules():
-            if type(sub).__name__ == block:
-                fully_shard(sub)
-        return fully_shard(module)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        import deepspeed
-
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        config = {"train_micro_batch_size_per_gpu": ds.get("train_micro_batch_size_per_gpu", 1),
-                  "zero_optimization": {"stage": 3 if ds["zero_optimization"]["stage"] == 3 else 0},
-                  "bf16": {"enabled": str(hardware.precision) in ("bf16", "bfloat16")},
-                  "fp16": {"enabled": str(hardware.precision) in ("fp16", "float16")}}
-        engine, *_ = deepspeed.initialize(model=module, config=config)
-        engine.eval()
-        return engine
-    return module.to(accelerator.device)

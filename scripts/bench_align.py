@@ -14,7 +14,7 @@ no weight decay), a constant schedule, gradient clipping at 1.0, and the same pr
                   token; the tight limit, which is all DPO needs), backward, clip, AdamW step; plus
                   the reference's no-grad backbone forward and LM head at the same positions.
   prefkit         prefkit.trainer.Trainer.fit with the align stage's own step
-                  (prefkit.stages.align.AlignStep: collate → reference_hidden → PolicyModule →
+                  (prefkit.stages.align.AlignStep: collate → reference_hidden → StatsLM →
                   Groups → dpo objective), online reference.
   prefkit-cache   the same with scalar reference log-probs precomputed by prefkit/refcache.py
                   (align's reference.cache=auto path); the one-off precompute is timed apart.
@@ -144,40 +144,33 @@ class Prefkit:
     """prefkit's align step: Trainer + the align stage's AlignStep."""
 
     def __init__(self, policy, reference, groups, pad, device, args, accelerator, out: Path, cache=None):
-        from prefkit.logprobs import PolicyModule
+        from prefkit.modules import StatsLM
         from prefkit.objectives import build
 
-        self.module = PolicyModule(policy)
+        self.module = StatsLM(policy)
         self.reference, self.groups, self.pad, self.device = reference, groups, pad, device
         self.args, self.accelerator, self.out, self.cache = args, accelerator, out, cache
         self.objective, _ = build({"name": "dpo", "beta": BETA})
 
     def run(self, n_steps: int) -> list[float]:
+        from prefkit.reference import CachedLogps, Online
         from prefkit.stages.align import AlignStep
         from prefkit.trainer import Trainer
 
         cfg = prefkit_cfg(n_steps, self.args, self.args.threads)
         # align's online or cached reference, recompute_lm_head=auto
+        reference = Online(self.reference) if self.cache is None else CachedLogps({"train": self.cache})
         step = AlignStep(self.objective, {"train": self.groups}, self.pad, self.device, None,
-                         self.objective.needs.tokens.needs_reference_logits,
-                         reference=None if self.cache is not None else self.reference,
-                         ref_cache=None if self.cache is None else {"train": self.cache})
+                         self.objective.needs.tokens.needs_reference_logits, reference)
+        stamps: list[float] = []
 
-        def forward(indices: list[int], training: bool):
-            return step(trainer.model, "train", indices, training)
-
-        trainer = Trainer(cfg, self.out, self.module, self.accelerator, len(self.groups), forward, None, None,
-                          stateful={"objective": self.objective})
-        stamps = []
-        inner = trainer._train_step
-
-        def timed():
-            row = inner()
+        def stamp(_step: int) -> None:  # the trainer's step callback: the end of each optimizer step
             bc.sync(self.device)
             stamps.append(time.perf_counter())
-            return row
 
-        trainer._train_step = timed
+        trainer = Trainer(cfg, self.out, self.module, self.accelerator, len(self.groups),
+                          lambda model, indices, training: step(model, "train", indices, training),
+                          stateful={"objective": self.objective}, on_step=stamp)
         with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # the "align <dir>: N steps" line
             trainer.fit()
         self.accelerator.free_memory()  # drop accelerate's references to this run's optimizer
@@ -367,7 +360,7 @@ def main() -> None:
     logging.getLogger("trl").setLevel(logging.ERROR)
     from omegaconf import OmegaConf
 
-    from prefkit.trainer import make_accelerator
+    from prefkit.engine import make_accelerator
 
     accelerator = make_accelerator(OmegaConf.create({"device": args.device, "precision": args.dtype,
                                                      "num_threads": args.threads}))

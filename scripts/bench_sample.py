@@ -76,8 +76,8 @@ def prompts_for(size: str, tok, n: int) -> list[tuple[int, tuple[int, ...]]]:
 
 def prefkit_batched(model, reference, tok, prompts, s, gen, device, stats: bool) -> tuple[int, float, float]:
     """sample_policy's loop without the file writing: (tokens, generate seconds, stats seconds)."""
-    from prefkit.logprobs import TokenRequest
     from prefkit.stages.sample import _add_stats, generate_batch
+    from prefkit.tokenstats import TokenRequest
 
     order = sorted(prompts, key=lambda x: -len(x[1]))
     batches = [order[i:i + int(s.batch_size)] for i in range(0, len(order), int(s.batch_size))]

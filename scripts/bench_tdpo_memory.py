@@ -4,7 +4,7 @@ prefkit's chunked LM-head path against the official full-vocabulary approach.
     .venv/bin/python scripts/bench_tdpo_memory.py                   # vocab 50,304, 512 tokens, 8 pairs
     .venv/bin/python scripts/bench_tdpo_memory.py --vocab 8192 --seq-len 256    # a quick check
 
-Setup (the spec's arithmetic, specs/tdpo.md §1.8): 8 pairs = 16 sequences of 512 tokens (chosen
+Setup: 8 pairs = 16 sequences of 512 tokens (chosen
 rows first, then rejected, as the official code concatenates them), Pythia's vocabulary 50,304,
 and a small GPT-NeoX backbone (2 layers, hidden 128, 4 heads, MLP 512, untied embeddings: about
 13.6M parameters, 12.9M of them in the two embeddings) so that the LM-head side dominates, as in
@@ -13,15 +13,16 @@ right to 512, so about 7,000 of the 8,176 shifted positions are response tokens.
 the reference plus seeded noise (σ = --perturb), so the KL terms and the ε-DPO decisions are not
 trivial. Everything is float32.
 
-  official  TDPO2: the eric-mitchell/TDPO code path (specs/tdpo.md §1.5): full [N, L, V] logits
-            of both models, the policy log_softmax, the reference softmax and its log (here
-            log_softmax, as prefkit does, to avoid 0·log 0 = NaN; the same tensors stay alive),
+  official  TDPO2: the official TDPO code path (Vance0124/Token-level-Direct-Preference-Optimization,
+            trainers.py): full [N, L, V] logits of both models, the policy log_softmax, the reference
+            softmax and its log (here log_softmax, as prefkit does, to avoid 0·log 0 = NaN; the same
+            tensors stay alive),
             per-position KL, masked sums, tdpo_loss, backward.
-            ε-DPO: the official trainer's concatenated_forward (specs/edpo.md §1.6): full logits,
+            ε-DPO: the official trainer's concatenated_forward (oddqueue/e-dpo, trainer.py): full logits,
             log_softmax of the policy, the two logit mixtures (1±ε)·logits ∓ ε·ref_logits built on
             the grad-carrying logits (as the official code does), their log_softmaxes, the step
             decision, DPO with the per-pair β̃, backward.
-  prefkit   what `prefkit align` runs: reference_hidden, then PolicyModule.forward with the
+  prefkit   what `prefkit align` runs: reference_hidden, then StatsLM.forward with the
             objective's own TokenRequest (TDPO2: kl + reverse_kl; ε-DPO: mixtures (1+ε, 1−ε)),
             recompute=True (align's recompute_lm_head=auto for these objectives), chunk size
             --chunk (align's hardware.logprob_chunk, auto by default), then Groups → objective.loss,
@@ -186,7 +187,7 @@ def official_edpo(policy, reference, batch, beta: float, eps: float):
     all_logps = seq_logps(logits)
     b = all_logps.shape[0] // 2
     logratios = all_logps[:b] - all_logps[b:]
-    # the official code builds the mixtures from the grad-carrying logits (specs/edpo.md §1.7)
+    # the official code builds the mixtures from the grad-carrying logits (no detach), as it is
     p_epsilon_logits = ((1 + eps) * logits) - (eps * ref_logits)
     p_epsilon_all_logps = seq_logps(p_epsilon_logits)
     n_epsilon_logits = ((1 - eps) * logits) + (eps * ref_logits)
@@ -204,12 +205,12 @@ def official_edpo(policy, reference, batch, beta: float, eps: float):
 
 
 def prefkit_step(policy, reference, batch, objective, chunk: int | None):
-    """align's forward for a logits-reference objective: reference_hidden → PolicyModule → Groups → loss."""
-    from prefkit.logprobs import PolicyModule, reference_hidden
+    """align's forward for a logits-reference objective: reference_hidden → StatsLM → Groups → loss."""
+    from prefkit.modules import StatsLM, reference_hidden
     from prefkit.objectives import Groups
 
     needs = objective.needs
-    module = PolicyModule(policy)
+    module = StatsLM(policy)
     ref = reference_hidden(reference, **batch)
     stats, _ = module(**batch, reference=ref, req=needs.tokens, chunk_size=chunk,
                       recompute=needs.tokens.needs_reference_logits)
@@ -232,8 +233,8 @@ def prefkit_step(policy, reference, batch, objective, chunk: int | None):
 
 def worker(args) -> None:
     bc.set_threads(args.threads)
-    from prefkit.logprobs import chunk_setting
     from prefkit.objectives import build as build_objective
+    from prefkit.tokenstats import chunk_setting
 
     device = torch.device(args.device)
     policy, reference = build(args)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # tests/conf is on the config search path (PREFKIT_CONFIG_PATH), with a smaller embedded model
 # and dataset than the defaults: the same code paths, in seconds.
@@ -29,6 +30,34 @@ def prefkit(*args: str, cwd: Path, check: bool = True, env: dict | None = None,
     if check and proc.returncode != 0:
         raise AssertionError(f"prefkit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's other processes.
+    A test module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class FakeAccelerator:
+    """The few parts of accelerate.Accelerator that objectives use, for one process."""
+
+    num_processes, process_index, device = 1, 0, torch.device("cpu")
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+    def gather(self, x):
+        return x
+
+    def gather_for_metrics(self, x):
+        return x
+
+    def unwrap_model(self, m):
+        return m
 
 
 @pytest.fixture(scope="session")

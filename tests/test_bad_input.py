@@ -117,7 +117,7 @@ def test_missing_data_file(tmp_path):
 
 def test_a_whole_json_document_is_not_a_bad_line(tmp_path):
     """A JSON array file (which the datasets library reads too) passes the line check."""
-    from prefkit.datasets.hub import check_json_file
+    from prefkit.datasets.reader import check_json_file
 
     path = tmp_path / "rows.json"
     path.write_text('[\n {"prompt": "a",\n  "completion": "b"}\n]\n')

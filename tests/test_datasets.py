@@ -1,4 +1,5 @@
-"""Real-dataset adapters (prefkit.datasets.hub) on local files in the exact Hub schemas.
+"""Real-dataset adapters (prefkit.datasets.<name>, read by prefkit.datasets.reader) on local files
+in the exact Hub schemas.
 
 tests/fixtures/<dataset>/ hold a handful of rows per dataset, malformed ones included;
 tests/fixtures/hh-rlhf/ holds 2,312 real Anthropic HH pairs (harmless-base test, MIT licence).
@@ -20,7 +21,8 @@ from omegaconf import OmegaConf
 
 from prefkit import synthetic
 from prefkit.data import encode, encode_options
-from prefkit.datasets import hub, load_rows
+from prefkit.datasets import ADAPTERS, load_rows, reader
+from prefkit.datasets.hh import HH
 from prefkit.errors import UserError
 from prefkit.models import build_word_tokenizer, embedded_dir, load_tokenizer
 
@@ -126,13 +128,13 @@ def test_configs_compose_and_every_key_is_read():
             assert d.prompt_truncation in ("keep_end", "keep_start")
             assert (d.max_length, d.max_prompt_length) == lengths[name]
             assert dict(d.data_files) == {"train": "a.jsonl", "test": "b.jsonl"}
-            hub._check_keys(d, name, hub.ADAPTERS[name].keys)  # nothing in the yaml goes unread
+            reader._check_keys(d, name, ADAPTERS[name].keys)  # nothing in the yaml goes unread
             chat = name.startswith("ultrafeedback")
             assert d.add_eos is not chat and d.prompt_special_tokens is not chat
     bad = OmegaConf.load(ROOT / "conf" / "dataset" / "hh.yaml")
     bad.prompt_words = 3
     with pytest.raises(UserError, match=r"unknown key.*prompt_words"):
-        hub.load(bad, "sft", "train")
+        load_rows(bad, "sft", "train")
 
 
 # --- Anthropic HH ---------------------------------------------------------------------------------
@@ -167,11 +169,11 @@ def test_hh_malformed_rows(cache, caplog):
         load_rows(cfg, "preference", "train")
     assert "on_bad_row=skip" in str(err.value) and "\n" not in str(err.value)
     raw = read_jsonl(FIX / "hh" / "train.jsonl")
-    adapter, reasons = hub.HH(cfg, "preference", None), {}
+    adapter, reasons = HH(cfg, "preference", None), {}
     for i, row in enumerate(raw):
         try:
             adapter.convert(row, i)
-        except hub.Malformed as bad:
+        except reader.Malformed as bad:
             reasons[i] = str(bad)
     assert sorted(reasons) == [2, 4, 5]
     assert reasons[4] == "the chosen response is empty" and reasons[5] == "rejected has no '\\n\\nAssistant:' turn"

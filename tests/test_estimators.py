@@ -181,7 +181,7 @@ def test_kl_exact_is_used_as_is_and_prompts_weigh_equally():
 def test_token_exact_kl_and_k1_target_the_sequence_kl():
     """Two-token sequences from a tiny autoregressive policy (untruncated sampling): the mean of the
     per-sample token-level KL sums and the mean log-ratio both estimate KL(π‖π_ref) (chain rule), the
-    former with a narrower CI (specs/tdpo.md §3.1)."""
+    former with a narrower CI."""
     p1, q1 = np.array([0.6, 0.3, 0.1]), np.array([0.3, 0.3, 0.4])
     p2 = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
     q2 = np.array([[0.2, 0.5, 0.3], [0.3, 0.4, 0.3], [0.3, 0.3, 0.4]])

@@ -1,6 +1,6 @@
 """Every registered objective against its definition, on small hand-made tensors.
 
-The expected numbers are computed here, row by row, from the formulas in specs/*.md with `math`
+The expected numbers are computed here, row by row, from the papers' formulas with `math`
 and numpy, never with prefkit's own functions. Every objective is built through
 `prefkit.objectives.build`, so the registry and its option validation are exercised as well.
 Special cases, finite-difference checks and state live in tests/test_objectives_*.py.
@@ -17,6 +17,7 @@ import pkgutil
 import numpy as np
 import pytest
 import torch
+from conftest import FakeAccelerator
 from torch import nn
 
 from prefkit.errors import UserError
@@ -37,13 +38,7 @@ LENS3 = [[2, 3, 4], [5, 2, 3], [1, 2, 6]]
 REWARDS3 = [[2.0, 1.0, 0.5], [1.0, 1.0, 0.0], [0.3, -0.2, -1.0]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def t64(x) -> torch.Tensor:
@@ -243,10 +238,10 @@ def test_rdpo():
     close(out.loss, expected)
 
 
-# --- EXO and DPO-rw (specs/exo.md §1) -------------------------------------------------------------
+# --- EXO and DPO-rw (Ji et al. 2024, Eqs. 15–19) -------------------------------------------------------------
 
 def exo_pair_closed_form(z: float, eps: float) -> float:
-    """σ(z)(log σ(z) − log(1−ε)) + σ(−z)(log σ(−z) − log ε)   (exo.md §1.2)."""
+    """σ(z)(log σ(z) − log(1−ε)) + σ(−z)(log σ(−z) − log ε)   (Ji et al. 2024, Eq. 18 at K = 2)."""
     return sigmoid(z) * (logsig(z) - math.log(1 - eps)) + sigmoid(-z) * (logsig(-z) - math.log(eps))
 
 
@@ -265,7 +260,7 @@ def test_exo_three_completions_smoothed_target():
     beta, eps = 0.7, 0.01
     out = build({"name": "exo", "beta": beta, "label_smoothing": eps})[0].loss(groups(LOGPS3, REF3, LENS3))
     log_q = np_log_softmax(beta * (np.array(LOGPS3) - np.array(REF3)))
-    log_t = np.log(np.array([1 - eps, eps / 2, eps / 2]))  # (1−ε, ε/(K−1), ...): exo.md §1.9 (a)
+    log_t = np.log(np.array([1 - eps, eps / 2, eps / 2]))  # (1−ε, ε/(K−1), ...)
     expected = (np.exp(log_q) * (log_q - log_t)).sum(-1).mean()
     close(out.loss, expected)
 
@@ -294,7 +289,7 @@ def test_reward_objectives_without_rewards_are_user_errors(name):
         build({"name": name})[0].loss(groups(LOGPS3, REF3, LENS3))
 
 
-# --- TDPO (specs/tdpo.md §1.3) --------------------------------------------------------------------
+# --- TDPO (Zeng et al. 2024, Eqs. 13–18) --------------------------------------------------------------------
 
 def test_tdpo1():
     beta = 0.2
@@ -316,25 +311,14 @@ def test_tdpo_metrics_follow_the_official_names():
     out = build({"name": "tdpo1", "beta": beta})[0].loss(groups(kl=KL, reverse_kl=[[0.1, 0.2]] * 3))
     close(out.metrics["kl/chosen"], mean(k[0] for k in KL))
     close(out.metrics["kl/rejected"], mean(k[1] for k in KL))
-    close(out.metrics["kl/margin"], mean(k[0] - k[1] for k in KL))  # signed chosen − rejected (tdpo.md G3)
-    # the official "rewards": β(h + SeqKL)   (tdpo.md §1.5)
+    close(out.metrics["kl/margin"], mean(k[0] - k[1] for k in KL))  # signed chosen − rejected
+    # the official "rewards": β(h + SeqKL)
     close(out.metrics["tdpo/rewards_chosen"], mean(beta * (lp[0] - rf[0] + k[0]) for lp, rf, k in rows(LOGPS, REF, KL)))
     close(out.metrics["kl_reverse/rejected"], 0.2)
 
 
-# --- ε-DPO (specs/edpo.md §1.2–1.5) ----------------------------------------------------------------
+# --- ε-DPO (Lee et al. 2025, Eqs. 1–6) ----------------------------------------------------------------
 
-class FakeAccelerator:
-    num_processes, process_index, device = 1, 0, torch.device("cpu")
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-    def gather(self, x):
-        return x
-
-    def unwrap_model(self, m):
-        return m
 
 
 # z = log π(y_w) − log π(y_l) under the policy, the β/(1+ε) mixture ("lo") and the β/(1−ε) mixture ("hi")
@@ -405,7 +389,7 @@ def test_edpo_model_dtype_perturbation_reads_the_lambda_one_mixture():
     assert obj.steps(g).tolist() == [1, -1, 0, 1]
 
 
-# --- DRDO (specs/drdo.md §1.3–1.5) ------------------------------------------------------------------
+# --- DRDO (Nath et al. 2024, Eq. 6) ------------------------------------------------------------------
 
 D_REWARDS = [[1.0, 0.2], [0.5, 0.9], [2.0, -1.0]]
 D_PRED = [[0.3, 0.1], [0.0, 0.6], [1.0, -0.5]]
@@ -488,7 +472,7 @@ def drdo_grads(zw, zl, form, agg, detach):
 
 
 @pytest.mark.parametrize("zw, zl, form, agg, detach, dzw, dzl", [
-    # specs/drdo.md §1.5 (c), finite differences on the printed loss, α = 0.1, γ = 2
+    # finite differences on the printed loss (Eq. 6, p_w not detached, as Eq. 30 differentiates it), α = 0.1, γ = 2
     (-120.0, -118.0, "ratio", "sum", False, -2.30, 2.22),
     (-120.0, -118.0, "product", "sum", False, -2.30, 2.22),
     (-120.0, -118.0, "ratio", "sum", True, -0.078, 0.0),
@@ -621,7 +605,7 @@ def test_trl_metric_names():
     close(m["logps/rejected"], mean(lp[1] for lp in LOGPS))
 
 
-# --- β-DPO (specs/edpo.md §6) ----------------------------------------------------------------------
+# --- β-DPO (Wu et al. 2024) ----------------------------------------------------------------------
 
 def beta_dpo_expected(gaps_seq, beta0=0.1, a=0.6, m=0.9, min_beta=1e-3):
     """Losses of successive training calls with ρ = 0 (every pair kept)."""

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import FakeAccelerator
 from torch.autograd import gradcheck
 
 from prefkit.objectives import Groups, build
@@ -22,13 +23,7 @@ REWARDS3 = [[2.0, 1.0, 0.5], [1.0, 1.0, 0.0], [0.3, -0.2, -1.0]]
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def t64(x, grad: bool = False) -> torch.Tensor:
@@ -69,7 +64,7 @@ def test_tdpo1_is_tdpo2_alpha_one_in_value_but_not_in_gradient():
     assert_close(l1, l2, 1e-12)
     assert_close(lp1, lp2, 1e-12)
     assert_close(kl1[:, 1], kl2[:, 1], 1e-12)  # the rejected SeqKL keeps its gradient in both
-    assert (kl2[:, 0] == 0).all()  # TDPO2: d loss / d SeqKL(y_w) = 0 (stop-gradient, tdpo.md §1.3)
+    assert (kl2[:, 0] == 0).all()  # TDPO2: d loss / d SeqKL(y_w) = 0 (stop-gradient, Eq. 18)
     assert (kl1[:, 0].abs() > 1e-3).all()  # TDPO1: it is not stopped
     # TDPO1: d/dkl_w = −d/dkl_l = −d/dh_w (β[(h_w − h_l) − (kl_l − kl_w)])
     assert_close(kl1[:, 0], lp1[:, 0], 1e-12)
@@ -84,14 +79,6 @@ def test_tdpo_with_zero_kl_is_dpo():
         assert_close(g_lp, dpo_lp, 1e-12)
 
 
-class FakeAccelerator:
-    num_processes, process_index, device = 1, 0, torch.device("cpu")
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-    def gather(self, x):
-        return x
 
 
 @pytest.mark.parametrize("rule", ["official", "paper"])
@@ -126,7 +113,7 @@ def test_rdpo_with_alpha_zero_is_dpo():
 
 
 def test_dpo_rw_with_a_one_hot_target_is_dpo():
-    # r/β_r = (1000, 0): softmax underflows to exactly (1, 0)   (exo.md §7 test 16 (ii))
+    # r/β_r = (1000, 0): softmax underflows to exactly (1, 0)
     loss, grad = loss_and_grads({"name": "dpo_rw", "beta_pi": 0.3, "beta_r": 1e-3}, rewards=t64([[1.0, 0.0]] * 3))
     dpo_loss, dpo_grad = loss_and_grads({"name": "dpo", "beta": 0.3})
     assert_close(loss, dpo_loss, 1e-12)
@@ -146,7 +133,7 @@ def test_exo_with_detached_policy_weights_has_zero_gradient():
     eps = 1e-3
     log_t = torch.log(t64([1 - eps, eps]))
     _, detached = exo_manual(log_t, 0.5, detach_weights=True)
-    assert detached.abs().max() < 1e-15  # Σ_i q_i ∇ log q_i = 0   (exo.md §1.4)
+    assert detached.abs().max() < 1e-15  # Σ_i q_i ∇ log q_i = 0
     loss, grad = loss_and_grads({"name": "exo", "beta": 0.5, "label_smoothing": eps})
     manual_loss, manual_grad = exo_manual(log_t, 0.5, detach_weights=False)
     assert grad.abs().min() > 1e-3  # prefkit's EXO moves every completion
@@ -155,7 +142,7 @@ def test_exo_with_detached_policy_weights_has_zero_gradient():
 
 
 def test_exo_gradient_closed_form():
-    # ∂L/∂z_j = q_j (log(q_j/t_j) − KL(q‖t)),  z = β h   (exo.md §1.5), on K = 3
+    # ∂L/∂z_j = q_j (log(q_j/t_j) − KL(q‖t)),  z = β h, on K = 3
     beta, eps = 0.7, 0.01
     _, grad = loss_and_grads({"name": "exo", "beta": beta, "label_smoothing": eps}, logps=LOGPS3, ref=REF3,
                              lens=LENS3)
@@ -182,7 +169,7 @@ def test_exo_pair_has_a_finite_target_margin():
 
 
 def test_exo_official_log_target_gives_the_gradient_of_epsilon_sigmoid_minus_ten():
-    # official code: unnormalised log-target [0, −10]; the same gradient as ε = σ(−10)   (exo.md §7 16 (iii))
+    # official code: unnormalised log-target [0, −10]; the same gradient as ε = σ(−10)
     eps = 1 / (1 + math.exp(10))
     loss, grad = loss_and_grads({"name": "exo", "beta": 0.5, "label_smoothing": eps})
     official_loss, official_grad = exo_manual(t64([0.0, -10.0]), 0.5, detach_weights=False)
@@ -191,7 +178,7 @@ def test_exo_official_log_target_gives_the_gradient_of_epsilon_sigmoid_minus_ten
 
 
 def test_exo_rw_with_rewards_one_zero_has_the_target_of_epsilon_sigmoid_minus_ten():
-    # softmax([1, 0]/0.1) = (1−σ(−10), σ(−10))   (exo.md §7 16 (iv))
+    # softmax([1, 0]/0.1) = (1−σ(−10), σ(−10))
     eps = 1 / (1 + math.exp(10))
     loss, grad = loss_and_grads({"name": "exo", "beta": 0.5, "label_smoothing": eps})
     rw_loss, rw_grad = loss_and_grads({"name": "exo_rw", "beta_pi": 0.5, "beta_r": 0.1},

@@ -1,17 +1,20 @@
 """Objectives with state across steps: ε-DPO's β, β-DPO's moving statistics and TR-DPO's
-reference weights survive a checkpoint round trip (tensors through safetensors, the rest
-through torch.save, as prefkit.trainer does); ε-DPO accumulates only training batches and
-forgets a skipped step."""
+reference weights survive a checkpoint round trip (prefkit.checkpoint's codec: tensors through
+safetensors, the rest through JSON); ε-DPO accumulates only training batches and forgets a
+skipped step."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from conftest import FakeAccelerator
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from prefkit import checkpoint
 from prefkit.objectives import Groups, build
 
 LOGPS = [[-5.0, -7.0], [-4.0, -3.5], [-10.0, -9.0], [-2.0, -3.0]]
@@ -25,28 +28,7 @@ LO_UP = [[-4.5, -7.0], [-3.9, -3.5], [-9.5, -9.0], [-1.9, -3.0]]
 HI_UP = [[-5.5, -7.0], [-4.1, -3.5], [-10.5, -9.0], [-2.1, -3.0]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class FakeAccelerator:
-    num_processes, process_index, device = 1, 0, torch.device("cpu")
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-    def gather(self, x):
-        return x
-
-    def unwrap_model(self, m):
-        return m
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 ACC = FakeAccelerator()
 
 
@@ -61,13 +43,11 @@ def groups(logps=LOGPS, training=True, lo=None, hi=None, eps=0.1) -> Groups:
 
 
 def round_trip(state: dict, tmp_path) -> dict:
-    """What prefkit.trainer does with an objective's state_dict at a checkpoint and a resume."""
-    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "stateful.safetensors")
-    torch.save({k: v for k, v in state.items() if not isinstance(v, Tensor)}, tmp_path / "trainer_state.pt")
-    out = torch.load(tmp_path / "trainer_state.pt", weights_only=False)
-    out.update(load_file(tmp_path / "stateful.safetensors"))
-    return out
+    """What a checkpoint does with an objective's state_dict (prefkit.checkpoint's codec)."""
+    tensors: dict[str, Tensor] = {}
+    body = json.dumps(checkpoint.encode(state, tensors))
+    save_file(tensors, tmp_path / "state.safetensors")
+    return checkpoint.decode(json.loads(body), load_file(tmp_path / "state.safetensors"))
 
 
 # --- ε-DPO ------------------------------------------------------------------------------------------

@@ -77,8 +77,8 @@ def test_statistics_from_generation_logits_equal_a_second_forward():
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from prefkit.logprobs import TokenRequest
     from prefkit.stages.sample import _add_stats, generate_batch
+    from prefkit.tokenstats import TokenRequest
 
     tok = build_word_tokenizer(lexicon())
     config = GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -8,10 +8,11 @@ from omegaconf import OmegaConf
 
 from prefkit import synthetic
 from prefkit.data import collate, encode
+from prefkit.engine import make_accelerator
 from prefkit.errors import UserError
-from prefkit.logprobs import PolicyModule
 from prefkit.models import embedded_dir, load_causal_lm, load_tokenizer
-from prefkit.trainer import Trainer, _schedule, make_accelerator
+from prefkit.modules import StatsLM
+from prefkit.trainer import Trainer, _schedule
 
 ARCH = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
         "max_position_embeddings": 64}
@@ -30,17 +31,17 @@ def _setup(tmp_path: Path, cfg, fail_at=None, poison=None):
     path = embedded_dir("tiny", ARCH, tmp_path / "cache")
     tok = load_tokenizer(str(path))
     torch.manual_seed(0)
-    model = PolicyModule(load_causal_lm(str(path)))
+    model = StatsLM(load_causal_lm(str(path)))
     rows = synthetic.sft_examples(64, 0, "train")
     seqs = [encode(tok, r["prompt"], r["completion"], max_length=64, max_prompt_length=16) for r in rows]
     calls = {"n": 0}
 
-    def loss_fn(indices, training):
+    def loss_fn(model, indices, training):
         calls["n"] += 1
         if fail_at is not None and calls["n"] == fail_at:
             raise KeyboardInterrupt  # a kill in the middle of a step
         batch = collate([seqs[i] for i in indices], tok.pad_token_id)
-        stats, _ = trainer.model(**batch)
+        stats, _ = model(**batch)
         loss = -stats.logps.sum() / stats.lengths.sum()
         if poison is not None and calls["n"] in poison:
             loss = loss * float("nan")

@@ -2,7 +2,7 @@
 
 DPOTrainer (sigmoid, hinge, ipo, exo_pair, sigmoid+sft): a real trainer on a 4-row dataset;
 its collated batch goes through `trainer._compute_loss` (TRL's fused LM head) and through
-prefkit's PolicyModule + objective. Loss, logged metrics and parameter gradients must agree.
+prefkit's StatsLM + objective. Loss, logged metrics and parameter gradients must agree.
 
 CPO / SimPO / ORPO (trl.experimental): TRL's own `get_batch_loss_metrics` (full-logit forward,
 its log-prob and NLL code, `cpo_loss` / `odds_ratio_loss`) on a lightweight trainer object
@@ -15,11 +15,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import FakeAccelerator
 
 from prefkit import synthetic
-from prefkit.logprobs import IGNORE, PolicyModule, TokenRequest, reference_hidden
+from prefkit.data import IGNORE
 from prefkit.models import embedded_dir, load_causal_lm, load_tokenizer
+from prefkit.modules import StatsLM, reference_hidden
 from prefkit.objectives import Groups, build, sft_nll, trl_metrics
+from prefkit.tokenstats import TokenRequest
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -30,13 +33,7 @@ B = 4
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +82,7 @@ def prefkit_loss(model, reference, batch, cfg: dict):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     ref = reference_hidden(reference, ids, mask, labels) if obj.needs.reference != "none" else None
     req = replace(obj.needs.tokens, entropy=True)
-    stats, _ = PolicyModule(model)(ids, mask, labels, reference=ref, req=req, chunk_size=8)
+    stats, _ = StatsLM(model)(ids, mask, labels, reference=ref, req=req, chunk_size=8)
     g = Groups(logps=pairs(stats.logps), lengths=pairs(stats.lengths), ref_logps=pairs(stats.ref_logps))
     out = obj.loss(g)
     loss = out.loss + sft_weight * sft_nll(g) if sft_weight else out.loss
@@ -139,7 +136,7 @@ def test_dpo_trainer_losses(setup, trl_cfg, cfg):
 def test_the_batch_is_not_trivial(setup):
     trainer, reference, batch = dpo_trainer(setup, loss_type=["hinge"], beta=0.1)
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE)
-    stats, _ = PolicyModule(trainer.model)(batch["input_ids"], batch["attention_mask"], labels,
+    stats, _ = StatsLM(trainer.model)(batch["input_ids"], batch["attention_mask"], labels,
                                            reference=reference_hidden(reference, batch["input_ids"],
                                                                       batch["attention_mask"], labels),
                                            req=TokenRequest())
@@ -150,11 +147,6 @@ def test_the_batch_is_not_trivial(setup):
 
 # --- CPO, SimPO, ORPO ---------------------------------------------------------------------------------
 
-class FakeAccelerator:
-    device = torch.device("cpu")
-
-    def gather_for_metrics(self, x):
-        return x
 
 
 def light(cls, **attrs):
@@ -216,7 +208,7 @@ def test_orpo_odds_ratio_term(setup, plain):
     trl_loss, trl_logged = orpo.get_batch_loss_metrics(model, split_batch(batch))
     obj = build({"name": "orpo", "beta": beta})[0]
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE)
-    stats, _ = PolicyModule(model)(batch["input_ids"], batch["attention_mask"], labels)
+    stats, _ = StatsLM(model)(batch["input_ids"], batch["attention_mask"], labels)
     g = Groups(logps=pairs(stats.logps), lengths=pairs(stats.lengths))
     out = obj.loss(g)
     # the odds-ratio term −β·mean log σ(log odds_w − log odds_l) and its logs agree ...
@@ -231,7 +223,7 @@ def test_orpo_odds_ratio_term(setup, plain):
     # ... and so do their gradients
     chosen, rejected, *_ = orpo.concatenated_forward(model, split_batch(batch))
     trl_term = -orpo.odds_ratio_loss(chosen, rejected)[0].mean()
-    stats, _ = PolicyModule(model)(batch["input_ids"], batch["attention_mask"], labels)
+    stats, _ = StatsLM(model)(batch["input_ids"], batch["attention_mask"], labels)
     g = Groups(logps=pairs(stats.logps), lengths=pairs(stats.lengths))
     out = obj.loss(g)
     assert_same_grads(grads(model, trl_term), grads(model, out.loss - sft_nll(g)))
@@ -239,7 +231,7 @@ def test_orpo_odds_ratio_term(setup, plain):
     # prefkit over the response tokens only (the paper's Eq. 6). TRL's value is prefkit's NLL with every
     # non-padding token after the first as a label:
     whole = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
-    whole_stats, _ = PolicyModule(model)(batch["input_ids"], batch["attention_mask"], whole)
+    whole_stats, _ = StatsLM(model)(batch["input_ids"], batch["attention_mask"], whole)
     nll_whole = sft_nll(Groups(logps=pairs(whole_stats.logps), lengths=pairs(whole_stats.lengths)))
     assert nll_whole.item() == pytest.approx(trl_logged["nll_loss"], rel=TOL, abs=TOL)
     assert abs(out.metrics["nll_loss"].item() - trl_logged["nll_loss"]) > 1e-2

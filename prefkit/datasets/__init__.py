@@ -1,5 +1,12 @@
-"""Dataset adapters: each dataset config (conf/dataset/<name>.yaml) becomes plain rows
-(see prefkit.data): SFT rows, preference rows, or prompt rows, for a split ("train" or "eval")."""
+"""Datasets: each config in conf/dataset/ names an adapter (one module each, registered in
+prefkit.datasets.base) that turns its data into plain rows (see prefkit.data): SFT rows,
+preference rows, or prompt rows, for a split ("train" or "eval"), validated once.
+
+    synthetic   the embedded review grammar            labeled        pairs labelled in the run
+    hh          Anthropic/hh-rlhf                      imdb           stanfordnlp/imdb prefixes
+    tldr        Reddit TL;DR and its comparisons       ultrafeedback  chat preferences (+ argilla's)
+    local       your own files in the row schema
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from prefkit import synthetic
-from prefkit.data import check_rows
+from prefkit.datasets import hh, imdb, labeled, local, synthetic, tldr, ultrafeedback  # noqa: F401  (registration)
+from prefkit.datasets.base import ADAPTERS, KINDS
 from prefkit.errors import UserError
-
-KINDS = ("sft", "preference", "prompts")
 
 
 def load_rows(ds: DictConfig, kind: str, split: str, run: Path | None = None, tokenizer=None) -> list[dict]:
@@ -19,25 +24,9 @@ def load_rows(ds: DictConfig, kind: str, split: str, run: Path | None = None, to
     if kind not in KINDS:
         raise ValueError(kind)
     name = str(ds.name)
-    if name == "synthetic":
-        rows = _synthetic(ds, kind, split)
-    elif name == "labeled":
-        from prefkit.datasets.labeled import load as load_labeled
-        rows = load_labeled(ds, kind, split, run)
-    else:
-        from prefkit.datasets import hub
-        rows = hub.load(ds, kind, split, tokenizer)
-    return check_rows(rows, kind, f"dataset {name} ({kind}, {split})", str(ds.get("on_bad_row", "error")))
+    if name not in ADAPTERS:
+        raise UserError(f"unknown dataset '{name}'; valid: {', '.join(sorted(ADAPTERS))}")
+    return ADAPTERS[name](ds, kind, tokenizer, run).rows(split)
 
 
-def _synthetic(ds: DictConfig, kind: str, split: str) -> list[dict]:
-    sizes = ds.sizes[kind]
-    if split not in sizes:
-        raise UserError(f"dataset synthetic has no '{split}' split for {kind}; valid: {', '.join(sizes)}")
-    n, seed = int(sizes[split]), int(ds.seed)
-    grammar = synthetic.ReviewGrammar(**ds.get("grammar", {}))
-    if kind == "sft":
-        return synthetic.sft_examples(n, seed, split, grammar)
-    if kind == "prompts":
-        return synthetic.prompts(n, seed, split, grammar)
-    return synthetic.preference_examples(n, seed, split, grammar, group_size=int(ds.group_size))
+__all__ = ["ADAPTERS", "KINDS", "load_rows"]

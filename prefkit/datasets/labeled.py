@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from prefkit.data import check_rows
+from prefkit.datasets.base import register
 from prefkit.errors import UserError
 from prefkit.rundir import jobs, read_jsonl
 
@@ -25,10 +27,20 @@ def pairs_file(ds: DictConfig, run: Path | None) -> Path:
     return labelled[0].path / "pairs.jsonl"
 
 
-def load(ds: DictConfig, kind: str, split: str, run: Path | None) -> list[dict]:
-    rows = [r for r in read_jsonl(pairs_file(ds, run)) if r.get("split", "train") == split]
-    if kind == "preference":
-        return [{"prompt": r["prompt"], "completions": r["completions"], "rewards": r["rewards"]} for r in rows]
-    if kind == "sft":  # the preferred completions
-        return [{"prompt": r["prompt"], "completion": r["completions"][0]} for r in rows]
-    return [{"prompt": r["prompt"], "reference": r["completions"][0]} for r in rows]
+class Labeled:
+    def __init__(self, ds: DictConfig, kind: str, tokenizer=None, run: Path | None = None):
+        self.ds, self.kind, self.run = ds, kind, run
+
+    def rows(self, split: str) -> list[dict]:
+        path = pairs_file(self.ds, self.run)
+        rows = [r for r in read_jsonl(path) if r.get("split", "train") == split]
+        if self.kind == "preference":
+            rows = [{"prompt": r["prompt"], "completions": r["completions"], "rewards": r["rewards"]} for r in rows]
+        elif self.kind == "sft":  # the preferred completions
+            rows = [{"prompt": r["prompt"], "completion": r["completions"][0]} for r in rows]
+        else:
+            rows = [{"prompt": r["prompt"], "reference": r["completions"][0]} for r in rows]
+        return check_rows(rows, self.kind, f"{path} ({self.kind}, {split})", str(self.ds.get("on_bad_row", "error")))
+
+
+register("labeled", Labeled)

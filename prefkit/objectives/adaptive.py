@@ -14,7 +14,7 @@ from prefkit.objectives.base import Groups, LossOutput, Needs, Objective, logsig
 
 @register("beta_dpo")
 class BetaDPO(Objective):
-    """β-DPO (Wu et al. 2024), following its official code (specs/edpo.md §6):
+    """β-DPO (Wu et al. 2024), following its official code:
 
     1. the gap A_i = h(y_w) − h(y_l) of the (all-gathered) micro-batch updates moving averages
        M₀ ← m M₀ + (1−m) mean(A), σ ← m σ + (1−m) std(A), starting from 0;
@@ -64,7 +64,7 @@ class BetaDPO(Objective):
         beta = max(self.beta0 * (1 + self.a * (selected_mean - self.gap_mean)), self.min_beta)
         losses = -logsigmoid(beta * d)
         loss = (losses * local).sum() / local.sum().clamp(min=1)
-        return LossOutput(loss, rewards=self.beta0 * g.logratios.detach(),
+        return LossOutput(loss, rewards=beta * g.logratios.detach(),  # the β it trains with, as TRL's β-DPO logs
                           metrics={"beta_dpo/beta": beta, "beta_dpo/gap_mean": self.gap_mean,
                                    "beta_dpo/gap_std": self.gap_std, "beta_dpo/kept": float(local.sum())})
 

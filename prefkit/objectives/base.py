@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from prefkit.errors import UserError
-from prefkit.logprobs import TokenRequest
-from prefkit.trainer import Stateful
+from prefkit.stateful import Stateful
+from prefkit.tokenstats import TokenRequest
 
 
 @dataclass(frozen=True)

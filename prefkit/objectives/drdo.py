@@ -1,14 +1,16 @@
 """DRDO (Nath et al. 2024, "Simultaneous Reward Distillation and Preference Learning"),
-Eq. 6 and specs/drdo.md §1.3–1.6. Reference-free: only the student is in memory.
+Eq. 6 (its gradient: Eqs. 30–33). Reference-free: only the student is in memory.
 
     L = kd_weight · (r*(x,y_w) − r*(x,y_l) − (r̂_w − r̂_l))²
         − α (1 − p_w)^γ · lu,        p_w = σ(z_w − z_l),  z = log π_θ(y|x)
 
 r* are the oracle's (precomputed) rewards; r̂ the student's own reward estimates, by default a
 scalar head on its last hidden state (`reward_source: head`). The log-"unlikelihood" lu has two
-readings (§1.5a): `ratio`, the printed Eq. 6, lu = z_w − log(1 − π(y_l)); `product`, the stated
-intent, lu = z_w + log(1 − π(y_l)). `logp_agg` chooses summed (TRL's, the default) or mean
-log-probs for z; the focal modulator is differentiated through unless `detach_modulator`.
+readings, because the paper's text and maths disagree: `ratio`, the printed Eq. 6, lu = z_w −
+log(1 − π(y_l)), whose minimisation raises π(y_l) (the gradient of Eqs. 30–33 says so while the
+text says it lowers it); `product`, the stated intent, lu = z_w + log(1 − π(y_l)). `logp_agg`
+chooses summed (TRL's, the default) or mean log-probs for z; the focal modulator is
+differentiated through (as Eq. 30 does) unless `detach_modulator`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class DRDO(Objective):
         if unlikelihood_form == "ratio" and logp_agg == "mean":
             import logging
             logging.getLogger("prefkit").warning(
-                "drdo: unlikelihood_form=ratio with logp_agg=mean raises π(y_l) (specs/drdo.md §1.5); intended?")
+                "drdo: unlikelihood_form=ratio with logp_agg=mean raises π(y_l) (the printed Eq. 6's sign); intended?")
         self.alpha, self.gamma, self.kd_weight = float(alpha), float(gamma), float(kd_weight)
         self.reward_source, self.logp_agg = reward_source, logp_agg
         self.unlikelihood_form, self.detach_modulator = unlikelihood_form, bool(detach_modulator)

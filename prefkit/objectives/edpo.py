@@ -1,4 +1,4 @@
-"""ε-DPO (Lee et al. 2025, "KL Penalty Control via Perturbation for DPO"), specs/edpo.md.
+"""ε-DPO (Lee et al. 2025, "KL Penalty Control via Perturbation for DPO"), §3, Eqs. 1–6 and Algorithm 1.
 
 Per pair, DPO's β is perturbed to β/(1+ε) or β/(1−ε) depending on how the preference logit
 z = log π(y_w) − log π(y_l) moves under two cheaply estimated policies: the token-level logit
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from prefkit.errors import UserError
-from prefkit.logprobs import TokenRequest
 from prefkit.models import torch_dtype
 from prefkit.objectives.base import Groups, LossOutput, Needs, Objective, logsigmoid, register
+from prefkit.tokenstats import TokenRequest
 
 
 @register("edpo")

@@ -1,5 +1,5 @@
 """EXO (Ji et al. 2024, "Towards Efficient Exact Optimization of LM Alignment") and its
-forward-KL counterpart, in the group form of specs/exo.md §1.
+forward-KL counterpart, in the group form of §3 (Eqs. 15–19).
 
 For a prompt with K completions, the policy's distribution over the group is
     q = softmax(β_π · h),   h_i = log π_θ^τ(y_i|x) − log π_ref^τ(y_i|x),
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefkit.errors import UserError
-from prefkit.logprobs import TokenRequest
 from prefkit.objectives.base import Groups, LossOutput, Needs, objective
+from prefkit.tokenstats import TokenRequest
 
 
 def _needs(rewards: bool, temperature: float = 1.0, group_size: int | None = None) -> Needs:
@@ -36,7 +36,7 @@ def reverse_kl(log_q: Tensor, log_t: Tensor) -> Tensor:
 
 def smoothed_target(k: int, eps: float, like: Tensor) -> Tensor:
     """log t for the best completion first: t = (1−ε, ε/(K−1), ...). At K = 2 this is EXO-pref's
-    (1−ε, ε); K > 2 is prefkit's extension (specs/exo.md §1.9 (a))."""
+    (1−ε, ε); K > 2 with preferences is prefkit's extension (the paper's EXO-pref is K = 2)."""
     if not 0.0 < eps < 0.5:
         raise UserError(f"exo: label_smoothing must be in (0, 0.5) (EXO needs ε > 0; paper: 1e-3), got {eps}")
     log_t = torch.full((k,), math.log(eps / (k - 1)), dtype=like.dtype, device=like.device)

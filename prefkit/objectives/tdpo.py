@@ -1,4 +1,4 @@
-"""TDPO (Zeng et al. 2024, "Token-level Direct Preference Optimization"), specs/tdpo.md §1.3.
+"""TDPO (Zeng et al. 2024, "Token-level Direct Preference Optimization"), §4.4, Eqs. 13–18.
 
     u  = β (h(y_w) − h(y_l))                                         (Eq. 13, DPO's margin)
     δ  = β D_SeqKL(x, y_l; π_ref ‖ π_θ) − β D_SeqKL(x, y_w; π_ref ‖ π_θ)   (Eq. 14)
@@ -12,8 +12,8 @@ probability underflows). TDPO2 with α = 0 is DPO; TDPO1 has no α.
 
 from __future__ import annotations
 
-from prefkit.logprobs import TokenRequest
 from prefkit.objectives.base import Groups, LossOutput, Needs, logsigmoid, objective
+from prefkit.tokenstats import TokenRequest
 
 TOKEN_KL = Needs(reference="logits", group_size=2, tokens=TokenRequest(kl=True, reverse_kl=True))
 

@@ -24,11 +24,12 @@ from prefkit.console import console, progress
 from prefkit.data import Encoded, collate, collate_left, encode
 from prefkit.datasets import load_rows
 from prefkit.errors import UserError
-from prefkit.logprobs import Head, TokenRequest, final_hidden, reference_hidden, stats_from_hidden
 from prefkit.models import freeze, load_causal_lm, load_tokenizer
+from prefkit.modules import final_hidden, reference_hidden
 from prefkit.policies import Policy, describe, select
 from prefkit.rundir import run_dir, start_job, write_json, write_lineage
 from prefkit.samplestore import SampleWriter, read_samples
+from prefkit.tokenstats import Head, TokenRequest, stats_from_hidden
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -196,13 +197,13 @@ def _add_stats(rows: list[dict], seqs: list[Encoded], model, reference, pad: int
     is_reference = reference is model  # the reference itself: its log-ratio and KLs are exactly zero
     ref = None if is_reference else reference_hidden(reference, **batch)
     if policy_logits is None:
-        hidden, head = final_hidden(model, batch["input_ids"], batch["attention_mask"]), None
+        hidden, head = final_hidden(model, batch["input_ids"], batch["attention_mask"]), Head.of(model)
     else:
         hidden = torch.cat([policy_logits[i] for i in has_tokens]).to(device)
         head = Head.identity(hidden.shape[-1])
     want = TokenRequest(temperature=req.temperature, entropy=req.entropy) if is_reference else req
-    stats = stats_from_hidden(hidden, model, batch["attention_mask"], batch["labels"], reference=ref, req=want,
-                              recompute=False, head=head)
+    stats = stats_from_hidden(hidden, head, batch["attention_mask"], batch["labels"], reference=ref, req=want,
+                              recompute=False)
     if is_reference:
         stats.ref_logps, stats.reverse_kl, stats.kl = stats.logps, torch.zeros_like(stats.logps), \
             torch.zeros_like(stats.logps)

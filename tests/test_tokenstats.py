@@ -1,4 +1,4 @@
-"""prefkit.logprobs against a naive full-vocabulary computation in float64.
+"""prefkit.tokenstats (and the models of prefkit.modules) against a naive full-vocabulary computation in float64.
 
 Token level: random hidden states and LM heads, every statistic (log-probs, reference log-probs,
 forward KL, reverse KL, entropy, ε-DPO's logit mixtures) and the gradients, for both backward
@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from prefkit import synthetic
-from prefkit.data import collate, encode
-from prefkit.logprobs import IGNORE, Head, PolicyModule, TokenRequest, final_hidden, sequence_stats, token_stats
+from prefkit.data import IGNORE, collate, encode
 from prefkit.models import embedded_dir, load_causal_lm, load_tokenizer
+from prefkit.modules import StatsLM, final_hidden, sequence_stats
 from prefkit.objectives import Groups, build
+from prefkit.tokenstats import Head, Reference, TokenRequest, token_stats
 
 ARCH = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
         "max_position_embeddings": 64}
@@ -24,13 +25,7 @@ LAMBDAS = (1.1, 0.9, 0.5, 1.0)
 FULL = dict(kl=True, reverse_kl=True, entropy=True, mixtures=LAMBDAS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- token level ------------------------------------------------------------------------------------
@@ -66,8 +61,9 @@ def naive_tokens(d, hidden, weight, bias, temperature=1.0):
 
 def run_tokens(d, hidden, weight, bias, *, chunk, recompute, temperature=1.0, dtype=torch.float64, **req):
     req = TokenRequest(temperature=temperature, mixture_dtype=dtype, **(req or FULL))
-    return token_stats(hidden, d["targets"], Head(weight, bias), ref_hidden=d["ref_hidden"],
-                       ref_head=Head(d["ref_weight"]), req=req, chunk_size=chunk, recompute=recompute)
+    reference = Reference(d["ref_hidden"], Head(d["ref_weight"]))
+    return token_stats(hidden, d["targets"], Head(weight, bias), reference=reference, req=req, chunk_size=chunk,
+                       recompute=recompute)
 
 
 @pytest.mark.parametrize("recompute", [True, False])
@@ -156,24 +152,24 @@ def test_head_logit_scale_and_softcap(tokens, recompute):
 
 @pytest.mark.parametrize("recompute", [True, False])
 def test_forward_kl_gradient_is_softmax_minus_reference(tokens, recompute):
-    # ∂KL(p_ref ‖ softmax(z))/∂z = softmax(z) − p_ref   (tdpo.md §1.5): an identity head makes hidden = logits
+    # ∂KL(p_ref ‖ softmax(z))/∂z = softmax(z) − p_ref: an identity head makes hidden = logits
     g = torch.Generator().manual_seed(1)
     z = (3 * torch.randn(M, V, generator=g, dtype=torch.float64)).requires_grad_(True)
     zr = 3 * torch.randn(M, V, generator=g, dtype=torch.float64)
     eye = torch.eye(V, dtype=torch.float64)
-    out = token_stats(z, tokens["targets"], Head(eye), ref_hidden=zr, ref_head=Head(eye),
+    out = token_stats(z, tokens["targets"], Head(eye), reference=Reference(zr, Head(eye)),
                       req=TokenRequest(kl=True), chunk_size=4, recompute=recompute)
     (grad,) = torch.autograd.grad(out["kl"].sum(), z)
     torch.testing.assert_close(grad, torch.softmax(z.detach(), -1) - torch.softmax(zr, -1), rtol=1e-12, atol=1e-12)
     # zero where the policy is the reference
-    out = token_stats(zr.clone().requires_grad_(True), tokens["targets"], Head(eye), ref_hidden=zr,
-                      ref_head=Head(eye), req=TokenRequest(kl=True), recompute=recompute)
+    out = token_stats(zr.clone().requires_grad_(True), tokens["targets"], Head(eye), reference=Reference(zr, Head(eye)),
+                      req=TokenRequest(kl=True), recompute=recompute)
     assert out["kl"].abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("recompute", [True, False])
 def test_kl_is_finite_when_reference_probabilities_underflow(recompute):
-    # a reference row with a logit gap of 250: softmax(ref) underflows to 0 in float32 (tdpo.md G2)
+    # a reference row with a logit gap of 250: softmax(ref) underflows to 0 in float32 (softmax().log() is NaN there)
     ref_logits = torch.zeros(3, 8)
     ref_logits[:, 1:] = -250.0
     ref_logits[2, 2] = -600.0
@@ -181,7 +177,7 @@ def test_kl_is_finite_when_reference_probabilities_underflow(recompute):
     eye = torch.eye(8)
     targets = torch.tensor([0, 3, 2])
     req = TokenRequest(kl=True, reverse_kl=True, entropy=True, mixtures=(1.01, 0.99))
-    out = token_stats(z, targets, Head(eye), ref_hidden=ref_logits, ref_head=Head(eye), req=req, recompute=recompute)
+    out = token_stats(z, targets, Head(eye), reference=Reference(ref_logits, Head(eye)), req=req, recompute=recompute)
     for key, value in out.items():
         assert torch.isfinite(value).all(), key
     ref64, logp64 = F.log_softmax(ref_logits.double(), -1), F.log_softmax(z.detach().double(), -1)
@@ -317,7 +313,7 @@ def test_extra_right_padding_changes_no_response_statistic(tiny):
 
 
 def test_reward_head_reads_the_last_non_pad_token(tiny):
-    module = PolicyModule(tiny["policy"], reward_head=True).double()
+    module = StatsLM(tiny["policy"], reward_head=True).double()
     with torch.no_grad():
         module.reward_head.weight.normal_(generator=torch.Generator().manual_seed(4))
     pad = tiny["tok"].pad_token_id
@@ -332,7 +328,7 @@ def test_reward_head_reads_the_last_non_pad_token(tiny):
         torch.testing.assert_close(rewards[i], expected, rtol=1e-10, atol=1e-10)
     # a pad token's hidden state would give something else
     assert len({len(s.ids) for s in tiny["seqs"]}) > 1
-    no_head = PolicyModule(tiny["policy"])
+    no_head = StatsLM(tiny["policy"])
     assert no_head(**tiny["batch"])[1] is None
 
 
@@ -354,7 +350,7 @@ def test_mixtures_equal_the_policy_when_policy_is_reference():
     weight = torch.randn(64, 16, generator=g)
     targets = torch.randint(0, 64, (256,), generator=g)
     obj = build({"name": "edpo", "epsilon": 0.01})[0]
-    out = token_stats(hidden, targets, Head(weight), ref_hidden=hidden, ref_head=Head(weight), req=obj.needs.tokens)
+    out = token_stats(hidden, targets, Head(weight), reference=Reference(hidden, Head(weight)), req=obj.needs.tokens)
     # 32 pairs of 4-token responses, policy = reference (step 0)
     seq = {k: v.view(64, 4).sum(-1).view(32, 2) for k, v in out.items()}
     g = Groups(logps=seq["logps"], lengths=torch.full((32, 2), 4), ref_logps=seq["ref_logps"],

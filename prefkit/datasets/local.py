@@ -1,0 +1,51 @@
+"""`dataset=local`: your own JSON/JSONL/Parquet files in prefkit's row schema."""
+
+from __future__ import annotations
+
+from prefkit.datasets.base import register
+from prefkit.datasets.reader import Malformed, SourceAdapter
+
+
+class Local(SourceAdapter):
+    """Files already in prefkit's row schema: {"prompt", "completion"}, {"prompt", "completions",
+    "rewards"?} or {"prompt", "chosen", "rejected"} (-> completions [chosen, rejected]); other
+    keys are kept. SFT rows from preference files use the first (best) completion; prompt rows
+    keep the first completion as "reference"."""
+
+    def missing_columns(self, found):
+        missing = [] if "prompt" in found else ["prompt"]
+        pairs = "chosen" in found and "rejected" in found
+        if self.kind == "sft" and not ({"completion", "completions"} & set(found) or pairs):
+            missing.append("completion (or completions, or chosen and rejected)")
+        if self.kind == "preference" and "completions" not in found and not pairs:
+            missing.append("completions (or chosen and rejected)")
+        return missing
+
+    def carve_key(self, raw, index):
+        return str(raw.get("prompt"))
+
+    def convert(self, raw, index):
+        row = {k: v for k, v in raw.items() if v is not None}  # datasets fills absent keys with None
+        if "chosen" in row or "rejected" in row:
+            if "completions" in row:
+                raise Malformed("has both 'completions' and 'chosen'/'rejected'")
+            row["completions"] = [row.pop("chosen", None), row.pop("rejected", None)]
+        completions = row.get("completions")
+        first = completions[0] if isinstance(completions, list) and completions else None
+        if self.kind == "sft":
+            if "completion" not in row and first is not None:
+                row["completion"] = first
+            row.pop("completions", None)
+            row.pop("rewards", None)
+        elif self.kind == "prompts":
+            reference = row.pop("completion", None) or first
+            row.pop("completions", None)
+            row.pop("rewards", None)
+            if reference is not None:
+                row.setdefault("reference", reference)
+        else:
+            row.pop("completion", None)
+        return row
+
+
+register("local", Local)
