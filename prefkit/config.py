@@ -10,6 +10,7 @@ catch mistakes early, while nothing has been written yet.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import itertools
 import os
 import re
@@ -43,29 +44,37 @@ def user_search_path() -> list[str]:
 
 
 def job_name(job: str | None, prefix: str, prefix_key: str, overrides: list[str]) -> str:
-    """A job's directory name: `job` if given, else the prefix (align: the objective's name,
-    taken from the `prefix_key` override if any) plus the other overrides that change the
-    computation, e.g. `tdpo2,objective.alpha=0.3`."""
+    """A job's directory name: `job` if given, else the prefix (align: the objective's name, taken
+    from the `prefix_key` override if any) plus each override that changes the computation as
+    `<key>-<value>`, joined by `_`: `tdpo2_alpha-0.3_seed-1`. Keys are shortened to their last part
+    unless that is ambiguous; a value that is not a short plain word or number (a path, a list)
+    becomes a short hash. Names never hold `,` or `=`, so they can be passed back as values
+    (`judge.winrate.baseline=align/tdpo2_alpha-0.3`); the full overrides are in lineage.json."""
     if job:
         from prefkit.rundir import check_name
 
         return check_name(job, "job")
-    items = []
+    pairs = []
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
+        key, _, value = override.lstrip("+~").partition("=")
         if key.startswith(_NOT_IN_JOB_NAME) or (prefix_key and key == prefix_key):
             continue
-        items.append(override.lstrip("+~"))
-    name = ",".join(([prefix] if prefix else []) + sorted(items)) or "default"
-    return _safe(name)
-
-
-def _safe(name: str) -> str:
-    name = re.sub(r"[/\\\s'\"]", "_", name)
-    if len(name) > 200:  # keep paths sane; the full overrides are in lineage.json
-        import hashlib
-        name = name[:180] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+        pairs.append((key, value))
+    leaves = [k.rsplit(".", 1)[-1] for k, _ in pairs]
+    items = sorted(f"{k.rsplit('.', 1)[-1] if leaves.count(k.rsplit('.', 1)[-1]) == 1 else k}-{_short(v)}"
+                   for k, v in pairs)
+    name = "_".join(([prefix] if prefix else []) + items) or "default"
+    if len(name) > 120:
+        name = name[:110] + "-h" + hashlib.sha1(name.encode()).hexdigest()[:6]
     return name
+
+
+def _short(value: str) -> str:
+    """A value as it may stand in a job name: itself when it is a short plain word or number, else
+    a short hash of it."""
+    if re.fullmatch(r"[A-Za-z0-9.+@-]{1,24}", value):
+        return value
+    return "h" + hashlib.sha1(value.encode()).hexdigest()[:6]
 
 
 def register_resolvers() -> None:

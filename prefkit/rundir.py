@@ -40,7 +40,7 @@ LINEAGE = "lineage.json"
 LOCK = ".lock"
 # Keys that do not change what a job computes, so they stay out of its config hash (a job may be
 # resumed with other values of these). Dotted keys name one leaf.
-_UNHASHED = ("run", "job", "overwrite", "logger", "resume", "hardware.num_threads")
+_UNHASHED = ("run", "job", "overwrite", "logger", "resume", "hardware.num_threads", "train.keep_checkpoints")
 # A run or job name is one path component that every later command can pass back unquoted.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+@-]{0,199}")
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from conftest import TEST_CONF, TINY_SFT, prefkit
 
 
@@ -57,10 +58,12 @@ def test_missing_stage_output_says_what_to_run(tmp_path):
     assert "prefkit sft run.name=fresh" in line
 
 
+@pytest.mark.slow
 def test_sft_multirun_gives_one_job_per_learning_rate(tmp_path):
     prefkit("sft", "-m", "run.name=lr", "train.lr=1e-3,3e-3", *TINY_SFT, cwd=tmp_path)
     jobs = sorted(p.name for p in (tmp_path / "outputs/lr/sft").iterdir() if p.is_dir())
-    assert len(jobs) == 2 and "train.lr=0.001" in jobs[0] and "train.lr=0.003" in jobs[1]
+    assert len(jobs) == 2 and "_lr-0.001_" in jobs[0] and "_lr-0.003_" in jobs[1]
+    assert not any("," in j or "=" in j for j in jobs)  # names can be passed back as override values
     for job in jobs:
         path = tmp_path / "outputs/lr/sft" / job
         lineage = json.loads((path / "lineage.json").read_text())
@@ -70,9 +73,23 @@ def test_sft_multirun_gives_one_job_per_learning_rate(tmp_path):
         assert "lr:" in (path / "config.yaml").read_text()
 
 
-def test_a_complete_job_is_skipped_unless_overwrite(sft_run):
-    again = prefkit("sft", "run.name=shared", *TINY_SFT, cwd=sft_run)
-    assert "already complete" in again.stderr + again.stdout
+@pytest.mark.slow
+def test_a_complete_job_is_skipped_unless_overwrite(tmp_path):
+    args = ["sft", "run.name=ow", "job=ow", *TINY_SFT, "train.max_steps=2"]
+    prefkit(*args, cwd=tmp_path)
+    job = tmp_path / "outputs/ow/sft/ow"
+    (job / "planted.txt").write_text("left by the first run")
+    first = json.loads((job / "lineage.json").read_text())["finished"]
+    again = prefkit(*args, cwd=tmp_path)
+    assert "already complete" in again.stderr + again.stdout and (job / "planted.txt").exists()
+    import time
+
+    time.sleep(1.1)  # lineage times have a resolution of one second
+    redone = prefkit(*args, "overwrite=true", cwd=tmp_path)
+    assert "already complete" not in redone.stderr + redone.stdout
+    assert not (job / "planted.txt").exists()  # the job was emptied, then made again
+    assert json.loads((job / "lineage.json").read_text())["finished"] != first
+    assert (job / "model/model.safetensors").exists()
 
 
 def test_user_config_dir_on_the_search_path(tmp_path):

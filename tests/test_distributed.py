@@ -11,6 +11,8 @@ import pytest
 from conftest import TEST_CONF, TINY_ALIGN, prefkit
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # the CLI end to end
+
 STEPS = "train.max_steps=4"
 
 
@@ -51,3 +53,46 @@ def test_lora_align_uses_the_adapter_free_model_as_reference(sft_run):
     assert max((merged[k] - start[k]).abs().max().item() for k in merged) > 1e-5
     metrics = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
     assert any("kl/chosen" in m for m in metrics)
+
+
+def test_the_lora_reference_is_the_policy_with_its_adapter_off(sft_run, tmp_path):
+    """align's reference for a LoRA policy gives the SFT model's numbers, not the adapted policy's,
+    and holds no second copy of the weights."""
+    pytest.importorskip("peft")
+    import torch
+    from omegaconf import OmegaConf
+
+    from prefkit import reference
+    from prefkit.data import collate, encode
+    from prefkit.models import load_causal_lm, load_model, load_tokenizer
+    from prefkit.modules import final_hidden, reference_hidden
+    from prefkit.objectives import build
+    from prefkit.tokenstats import response_positions
+
+    init = str(sft_run / "outputs/shared/sft" / _sft_job(sft_run) / "model")
+    peft_cfg = OmegaConf.create({"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+    model_cfg = OmegaConf.create({"dtype": "float32", "reference_dtype": "float32"})
+    lm = load_model(model_cfg, init, "policy", peft_cfg)
+    with torch.no_grad():  # a trained adapter
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    cfg = OmegaConf.create({"reference": {"cache": "false"}, "model": model_cfg, "hardware": {"micro_batch_size": 4}})
+    objective = build({"name": "tdpo2"})[0]
+    setup = reference.Setup(cfg, objective.needs, "tdpo2", _OneCPU(), lm, init, {}, tmp_path, 0, None)
+    ref = reference.choose(setup)
+    assert isinstance(ref, reference.AdapterOff) and ref.module is None
+    tok = load_tokenizer(init)
+    batch = collate([encode(tok, "the movie", " was great", max_length=16, max_prompt_length=8)], tok.pad_token_id)
+    got, _ = ref.for_batch(batch, "train", [0])
+    rows, cols, _ = response_positions(batch["labels"])
+    sft = load_causal_lm(init)
+    want = reference_hidden(sft, **batch)
+    torch.testing.assert_close(got.hidden, want.hidden)
+    torch.testing.assert_close(got.head.weight, want.head.weight)
+    adapted = final_hidden(lm, batch["input_ids"], batch["attention_mask"])[rows, cols]
+    assert (adapted - want.hidden).abs().max() > 1e-3  # the policy itself has moved away
+
+
+class _OneCPU:
+    device, num_processes, distributed_type = __import__("torch").device("cpu"), 1, "NO"

@@ -636,6 +636,15 @@ def test_beta_dpo_without_filtering():
         assert out.metrics["beta_dpo/kept"] == 3.0
 
 
+def test_beta_dpo_logs_rewards_with_the_beta_it_trains_with():
+    obj = build({"name": "beta_dpo", "beta": 0.1, "a": 0.6, "rho": 0.0, "momentum": 0.9})[0]
+    g = groups()
+    out = obj.loss(g)
+    beta = out.metrics["beta_dpo/beta"]
+    assert abs(beta - 0.1) > 1e-3  # the batch β differs from the base β here
+    torch.testing.assert_close(out.rewards, beta * g.logratios.detach())
+
+
 def test_beta_dpo_beta_is_clamped():
     obj = build({"name": "beta_dpo", "beta": 0.1, "a": 10.0, "rho": 0.0})[0]
     out = obj.loss(groups())  # mean gap −0.27: 1 + 10·0.9·(−0.27) < 0

@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import torch
 from conftest import TINY, TINY_ALIGN, TINY_SFT, prefkit
+
+pytestmark = pytest.mark.slow  # the CLI end to end
 
 RUN = "pipe"
 SAMPLING = ["sample.max_new_tokens=24", "sample.batch_size=8"]
@@ -43,9 +46,16 @@ def _sft(run: Path) -> Path:
 
 
 def test_sft_model_loads_with_from_pretrained(run):
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert AutoModelForCausalLM.from_pretrained(_sft(run) / "model") is not None
+    model = AutoModelForCausalLM.from_pretrained(_sft(run) / "model")
+    saved = load_file(_sft(run) / "model/model.safetensors")
+    state = {**model.state_dict(), "embed_out.weight": model.get_output_embeddings().weight}  # named lm_head in 5.x
+    assert saved and all(torch.equal(state[k], v) for k, v in saved.items())  # the trained weights, not a fresh init
+    tok = AutoTokenizer.from_pretrained(_sft(run) / "model")
+    ids = tok("the movie was", return_tensors="pt").input_ids
+    assert model(ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
 
 
 def test_label_step_makes_pairs_best_first(run):
@@ -70,7 +80,7 @@ def test_reward_model_and_align_jobs(run):
     assert (reward / "model/reward_head.safetensors").exists() and (reward / "lineage.json").exists()
     jobs = {p.name: p for p in (run / "align").iterdir() if p.is_dir()}
     for name in ("dpo", "tdpo2", "edpo", "exo", "simpo", "drdo"):
-        job = next(p for n, p in jobs.items() if n.split(",")[0] == name)
+        job = next(p for n, p in jobs.items() if n.split("_")[0] == name)
         assert (job / "model/model.safetensors").exists() and (job / "lineage.json").exists()
         metrics = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
         keys = set().union(*metrics)
@@ -134,18 +144,13 @@ def test_win_rate_with_the_reward_model_judge(run):
         assert r["wins"] + r["ties"] + r["losses"] == r["n"] == 16
 
 
-class _AlwaysA(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-compatible endpoint whose judge always prefers position A."""
+class _Endpoint(http.server.BaseHTTPRequestHandler):
+    """A fake OpenAI-compatible endpoint: reads a request, replies with bytes."""
 
-    seen_keys: ClassVar[list[str]] = []
+    def request_body(self) -> dict:
+        return json.loads(self.rfile.read(int(self.headers["Content-Length"])))
 
-    def do_POST(self):
-        self.seen_keys.append(self.headers.get("Authorization", ""))
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        assert body["messages"][-1]["content"].count("Continuation A:") == 1
-        text = "Comparison: A is nicer.\nPreferred: A"
-        reply = {"model": "fake-judge-v2", "choices": [{"message": {"content": text}}]}
-        data = json.dumps(reply).encode()
+    def reply(self, data: bytes) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -156,12 +161,27 @@ class _AlwaysA(http.server.BaseHTTPRequestHandler):
         pass
 
 
+A_WINS = json.dumps({"model": "fake-judge-v2",
+                     "choices": [{"message": {"content": "Comparison: A is nicer.\nPreferred: A"}}]}).encode()
+
+
+class _AlwaysA(_Endpoint):
+    """A judge that always prefers position A."""
+
+    seen_keys: ClassVar[list[str]] = []
+
+    def do_POST(self):
+        self.seen_keys.append(self.headers.get("Authorization", ""))
+        assert self.request_body()["messages"][-1]["content"].count("Continuation A:") == 1
+        self.reply(A_WINS)
+
+
 def test_llm_judge_asks_both_orders_and_never_stores_the_key(run):
     server = http.server.HTTPServer(("127.0.0.1", 0), _AlwaysA)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     secret = "sk-test-5f3a9c"
     index = json.loads((run / "sample/eval/policies.json").read_text())
-    dpo = next(k for k in index if k.startswith("align/dpo,"))
+    dpo = next(k for k in index if k.startswith("align/dpo_"))
     try:
         prefkit("judge", f"run.name={RUN}", "job=llm", "judge.task=winrate", "judge.samples=eval",
                 "judge.winrate.judge=llm", "judge.llm.model=fake-judge", f"judge.winrate.candidates=['{dpo}']",
@@ -182,24 +202,16 @@ def test_llm_judge_asks_both_orders_and_never_stores_the_key(run):
             assert secret not in path.read_text(errors="ignore"), path
 
 
-class _TiresAfterFour(http.server.BaseHTTPRequestHandler):
-    """Answers four requests (two comparisons) as _AlwaysA would, then stops answering in time."""
+class _TiresAfterFour(_Endpoint):
+    """Answers four requests (two comparisons) as _AlwaysA would, then stops answering."""
 
     calls: ClassVar[list[int]] = []
 
     def do_POST(self):
         self.calls.append(1)
-        if len(self.calls) > 4:
-            return  # no reply: the client times out
-        self.rfile.read(int(self.headers["Content-Length"]))
-        data = json.dumps({"choices": [{"message": {"content": "Preferred: A"}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        if len(self.calls) <= 4:
+            self.request_body()
+            self.reply(A_WINS)
 
 
 def _serve(handler):
@@ -210,7 +222,7 @@ def _serve(handler):
 
 def test_an_llm_judge_that_gives_up_keeps_every_finished_comparison(run):
     index = json.loads((run / "sample/eval/policies.json").read_text())
-    dpo = next(k for k in index if k.startswith("align/dpo,"))
+    dpo = next(k for k in index if k.startswith("align/dpo_"))
     args = ["judge", f"run.name={RUN}", "job=llm-resume", "judge.task=winrate", "judge.samples=eval",
             "judge.winrate.judge=llm", "judge.llm.model=fake-judge", f"judge.winrate.candidates='{dpo}'",
             "judge.winrate.max_prompts=5", "judge.llm.timeout_s=0.5", "judge.llm.retries=1", *TINY]
@@ -233,20 +245,13 @@ def test_an_llm_judge_that_gives_up_keeps_every_finished_comparison(run):
     assert r["n"] == 5 and r["ties"] == 5
 
 
-class _Garbled(http.server.BaseHTTPRequestHandler):
+class _Garbled(_Endpoint):
     replies: ClassVar[list[bytes]] = [b"\xff\xfe not utf-8", b'{"choices": []}', b'{"choices": [{"message": {}}]}',
                                       b"not json"]
 
     def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        data = self.replies.pop(0)
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.request_body()
+        self.reply(self.replies.pop(0))
 
 
 def test_unreadable_judge_replies_are_invalid_verdicts_not_crashes(monkeypatch):

@@ -43,6 +43,7 @@ def test_destructive_operations_stay_inside(tmp_path):
             check_inside(outside, stage)
 
 
+@pytest.mark.slow
 def test_overwrite_of_the_run_root_is_refused_and_nothing_is_deleted(sft_run):
     before = sorted(p.relative_to(sft_run) for p in (sft_run / "outputs").rglob("*"))
     for bad in ("job=..", "job=."):
@@ -101,6 +102,7 @@ def test_the_state_codec_round_trips_what_training_keeps():
 
 # --- 4. one writer per job ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_writer_stops_with_one_line_naming_the_first(sft_run):
     job = sft_run / "outputs/shared/sample/locked"
     job.mkdir(parents=True)
@@ -137,6 +139,7 @@ def test_temporary_names_are_unique():
 
 # --- 5. a job continues only under its own config ----------------------------------------------
 
+@pytest.mark.slow
 def test_rerun_with_another_config_is_refused_naming_the_keys(sft_run):
     args = ["sample", "run.name=shared", "job=temp", "sample.policies=[sft]", "sample.max_prompts=2",
             "sample.max_new_tokens=8", *TINY]
@@ -146,6 +149,7 @@ def test_rerun_with_another_config_is_refused_naming_the_keys(sft_run):
     prefkit(*args, "hardware.num_threads=1", cwd=sft_run)  # threads do not change results: accepted
 
 
+@pytest.mark.slow
 def test_an_explicit_job_reused_with_another_objective_is_refused(sft_run):
     (sft_run / "outputs/shared/align/mine").mkdir(parents=True)
     (sft_run / "outputs/shared/align/mine/config.yaml").write_text("objective:\n  name: dpo\n")
@@ -170,6 +174,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6  # exact, from step 3
 
 
+@pytest.mark.slow
 def test_a_cut_samples_file_is_reported_then_sampled_again(sft_run):
     args = ["run.name=shared", "job=cut", "sample.policies=[sft]", "sample.max_prompts=3", "sample.n=2",
             "sample.max_new_tokens=8", *TINY]
@@ -219,6 +224,7 @@ def test_wandb_runs_of_different_jobs_differ(tmp_path):
     assert wandb_run_id(tmp_path / "a", cfg) == wandb_run_id(tmp_path / "a", cfg)
 
 
+@pytest.mark.slow
 def test_safetensors_files_are_readable_by_the_group(sft_run):
     files = list((sft_run / "outputs/shared/sft").rglob("*.safetensors"))
     assert files

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import TEST_CONF, TINY, prefkit
 from omegaconf import OmegaConf
 
@@ -41,6 +42,7 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_killed_sample_run_restarts_without_losing_or_duplicating_rows(sft_run):
     args = ["sample", "run.name=shared", "sample.policies=[sft]", "sample.max_prompts=16", "sample.batch_size=1",
             "sample.n=2", "sample.max_new_tokens=24", *TINY]

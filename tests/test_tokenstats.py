@@ -17,7 +17,7 @@ from prefkit.data import IGNORE, collate, encode
 from prefkit.models import embedded_dir, load_causal_lm, load_tokenizer
 from prefkit.modules import StatsLM, final_hidden, sequence_stats
 from prefkit.objectives import Groups, build
-from prefkit.tokenstats import Head, Reference, TokenRequest, token_stats
+from prefkit.tokenstats import Head, Reference, TokenRequest, sum_by_sequence, token_stats
 
 ARCH = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
         "max_position_embeddings": 64}
@@ -358,3 +358,48 @@ def test_mixtures_equal_the_policy_when_policy_is_reference():
     for lam in obj.needs.tokens.mixtures:
         assert torch.equal(out[f"mix{lam}"], out["logps"]), lam
     assert (obj.steps(g) == 0).all()
+
+
+def official_bf16_steps(pol_logits, ref_logits, labels, mask, eps):
+    """The official ε-DPO trainer's decision (oddqueue/e-dpo, concatenated_forward on TRL 0.13,
+    a bf16 model), op by op: bf16 logits, the mixtures (1+ε)·logits − ε·ref_logits and
+    (1−ε)·logits + ε·ref_logits in bf16, log_softmax, gather, masked sum, chosen − rejected, and
+    the strict comparisons of Eqs. 1–2, all in bf16."""
+    logits, ref = pol_logits.to(torch.bfloat16), ref_logits.to(torch.bfloat16)
+
+    def seq(z):
+        per_token = torch.gather(z.log_softmax(-1), dim=2, index=labels.unsqueeze(2)).squeeze(2)
+        return (per_token * mask).sum(-1)
+
+    b = labels.shape[0] // 2
+    cur, lo, hi = seq(logits), seq(((1 + eps) * logits) - (eps * ref)), seq(((1 - eps) * logits) + (eps * ref))
+    z, z_lo, z_hi = cur[:b] - cur[b:], lo[:b] - lo[b:], hi[:b] - hi[b:]
+    return ((z_lo > z) & (z > z_hi)).long() - ((z_hi > z) & (z > z_lo)).long()
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.05])
+def test_edpo_bf16_decisions_are_the_official_arithmetic(eps):
+    g = torch.Generator().manual_seed(3)
+    b, t, v = 48, 40, 96
+    ref_logits = 2.0 * torch.randn(2 * b, t, v, generator=g)
+    drift = torch.linspace(0.0, 3.0, b).repeat(2)[:, None, None]  # from policy = reference to far from it
+    pol_logits = ref_logits + drift * torch.randn(2 * b, t, v, generator=g)
+    labels = torch.randint(0, v, (2 * b, t), generator=g)
+    mask = torch.arange(t)[None, :] >= torch.randint(5, 20, (2 * b, 1), generator=g)  # prompts of 5–19 tokens
+    want = official_bf16_steps(pol_logits, ref_logits, labels, mask, eps)
+
+    def prefkit_steps(dtype):
+        obj = build({"name": "edpo", "epsilon": eps, "perturb_dtype": dtype})[0]
+        rows = mask.nonzero(as_tuple=True)[0]
+        eye = Head.identity(v)
+        out = token_stats(pol_logits[mask], labels[mask], eye, reference=Reference(ref_logits[mask], eye),
+                          req=obj.needs.tokens, recompute=False)
+        seq = {k: sum_by_sequence(val, rows, 2 * b).view(2, b).T for k, val in out.items()}
+        grp = Groups(logps=seq["logps"], lengths=torch.ones(b, 2), ref_logps=seq["ref_logps"],
+                     mixture_logps={lam: seq[f"mix{lam}"] for lam in obj.needs.tokens.mixtures})
+        return obj.steps(grp)
+
+    got = prefkit_steps("bfloat16")
+    assert torch.equal(got, want), (got != want).sum()
+    assert (want != 0).any() and (want == 0).any()  # the bf16 dead zone and decisions beyond it
+    assert not torch.equal(prefkit_steps("float32"), want)  # exact maths decides otherwise: the option matters

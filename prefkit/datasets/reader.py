@@ -80,16 +80,15 @@ class SourceAdapter:
 
 def read(adapter: SourceAdapter, split: str) -> list[dict]:
     """Rows of the adapter's kind for `split` ("train" or "eval"), each converted and validated once."""
-    ds, kind, name = adapter.ds, adapter.kind, str(adapter.ds.name)
+    ds, name = adapter.ds, str(adapter.ds.name)
     if split not in SPLITS:
         raise UserError(f"dataset {name}: unknown split '{split}'; valid: {', '.join(SPLITS)}")
-    where = f"dataset {name} ({kind}, {split})"
+    where = f"dataset {name} ({adapter.kind}, {split})"
     on_bad = str(ds.get("on_bad_row", "error"))
     if on_bad not in ("error", "skip"):
         raise UserError(f"dataset.on_bad_row={on_bad}; valid: error, skip")
     table, desc, carve = _open(adapter.source(), split, ds, where)
     _check_columns(table.column_names, adapter.missing_columns(table.column_names), desc, where)
-
     seed, fraction = int(ds.get("seed") or 0), None
     if carve is not None:
         fraction = ds.get("eval_fraction")
@@ -97,60 +96,83 @@ def read(adapter: SourceAdapter, split: str) -> list[dict]:
             raise UserError(f"{where}: splits.eval is null, so eval is carved from the train split; "
                             f"set dataset.eval_fraction between 0 and 1 (it is {fraction})")
         fraction = float(fraction)
+        keep = lambda raw, i: _held_out(adapter.carve_key(raw, i), seed, fraction) == (carve == "eval")
+    else:
+        keep = None
     limit = (ds.get("max_rows") or {}).get(split)
-    limit = None if limit is None else int(limit)
-    unique = kind == "prompts" and bool(ds.get("unique_prompts", False))
+    tally = _Tally(where, desc, on_bad == "skip")
+    rows = _convert_all(adapter, table, keep, None if limit is None else int(limit), tally)
+    if carve is not None:
+        tally.notes.append(f"{carve} side of a seeded carve (eval_fraction={fraction}, seed={seed})")
+    tally.report(rows)
+    return rows
 
+
+class _Tally:
+    """What reading left out, and the one line that reports it."""
+
+    def __init__(self, where: str, desc: str, skip_bad: bool):
+        self.where, self.desc, self.skip_bad = where, desc, skip_bad
+        self.bad: list[tuple[int, str]] = []
+        self.left_out = self.duplicates = 0
+        self.notes: list[str] = []
+
+    def malformed(self, index: int, err: Malformed) -> None:
+        reason = (str(err).strip().splitlines() or ["?"])[0]
+        if not self.skip_bad:
+            raise UserError(f"{self.where}: row {index} of {self.desc} is malformed: {reason} "
+                            "(set dataset.on_bad_row=skip to skip such rows)") from None
+        self.bad.append((index, reason))
+
+    def report(self, rows: list[dict]) -> None:
+        notes = []
+        if self.bad:
+            notes.append(f"skipped {len(self.bad)} malformed row(s), first row {self.bad[0][0]}: {self.bad[0][1]}")
+        if self.left_out:
+            notes.append(f"left out {self.left_out} row(s) by the config's filters")
+        if self.duplicates:
+            notes.append(f"dropped {self.duplicates} repeated prompt(s)")
+        notes += self.notes
+        why = "; ".join(notes)
+        if not rows:
+            raise UserError(f"{self.where}: no usable rows in {self.desc}" + (f" ({why})" if why else ""))
+        message = f"{self.where}: {len(rows)} rows from {self.desc}" + (f"; {why}" if why else "")
+        if self.bad:
+            log.warning("%s", message)
+        else:
+            console.print(message, markup=False, highlight=False)
+
+
+def _convert_all(adapter: SourceAdapter, table, keep, limit: int | None, tally: _Tally) -> list[dict]:
+    """Every source row (in the adapter's order) that `keep` keeps, converted and validated."""
     order = adapter.order(table)
     indices: Iterable[int] = order if order is not None else range(len(table))
     view = table.select(order) if order is not None else table
+    unique = adapter.kind == "prompts" and bool(adapter.ds.get("unique_prompts", False))
     rows: list[dict] = []
-    bad: list[tuple[int, str]] = []
-    left_out = duplicates = 0
     seen: set[str] = set()
     for i, raw in zip(indices, view, strict=True):
-        if carve is not None and _held_out(adapter.carve_key(raw, i), seed, fraction) != (carve == "eval"):
+        if keep is not None and not keep(raw, i):
             continue
         try:
             row = adapter.convert(raw, i)
-            problem = None if row is None else row_problem(row, kind)
+            problem = None if row is None else row_problem(row, adapter.kind)
             if problem is not None:
                 raise Malformed(problem)
         except Malformed as err:
-            if on_bad == "skip":
-                bad.append((i, (str(err).strip().splitlines() or ["?"])[0]))
-                continue
-            reason = (str(err).strip().splitlines() or ["?"])[0]
-            raise UserError(f"{where}: row {i} of {desc} is malformed: {reason} "
-                            "(set dataset.on_bad_row=skip to skip such rows)") from None
+            tally.malformed(i, err)
+            continue
         if row is None:
-            left_out += 1
+            tally.left_out += 1
             continue
         if unique:
             if row["prompt"] in seen:
-                duplicates += 1
+                tally.duplicates += 1
                 continue
             seen.add(row["prompt"])
         rows.append(row)
         if limit is not None and len(rows) >= limit:
             break
-
-    notes = []
-    if bad:
-        notes.append(f"skipped {len(bad)} malformed row(s), first row {bad[0][0]}: {bad[0][1]}")
-    if left_out:
-        notes.append(f"left out {left_out} row(s) by the config's filters")
-    if duplicates:
-        notes.append(f"dropped {duplicates} repeated prompt(s)")
-    if carve is not None:
-        notes.append(f"{carve} side of a seeded carve (eval_fraction={fraction}, seed={seed})")
-    if not rows:
-        raise UserError(f"{where}: no usable rows in {desc}" + (f" ({'; '.join(notes)})" if notes else ""))
-    message = f"{where}: {len(rows)} rows from {desc}" + (f"; {'; '.join(notes)}" if notes else "")
-    if bad:
-        log.warning("%s", message)
-    else:
-        console.print(message, markup=False, highlight=False)
     return rows
 
 
