@@ -27,6 +27,7 @@ STAGES = {
     "sample": ("prefkit.stages.sample", "Sample completions from every policy in the run directory."),
     "judge": ("prefkit.stages.judge", "Score samples, estimate KL, label pairs, or compute win rates."),
     "frontier": ("prefkit.stages.frontier", "Reward-vs-KL frontier of everything judged: CSV, plot, table."),
+    "report": ("prefkit.stages.report", "One self-contained HTML (and Markdown) report of the run."),
 }
 
 

@@ -25,6 +25,8 @@ from prefkit.errors import UserError
 # Keys that do not change what a job computes; they stay out of job directory names.
 _NOT_IN_JOB_NAME = ("run.", "job", "overwrite", "hardware", "logger", "hydra", "resume")
 _MAX_VALIDATED_COMBINATIONS = 64
+_LONG_NAME = 64  # longer derived job names keep only the keys below and a hash of the other overrides
+_ALWAYS_NAMED = ("objective.", "seed", "reward.", "judge.task")
 
 
 def conf_dir() -> Path:
@@ -48,7 +50,8 @@ def job_name(job: str | None, prefix: str, prefix_key: str, overrides: list[str]
     from the `prefix_key` override if any) plus each override that changes the computation as
     `<key>-<value>`, joined by `_`: `tdpo2_alpha-0.3_seed-1`. Keys are shortened to their last part
     unless that is ambiguous; a value that is not a short plain word or number (a path, a list)
-    becomes a short hash. Names never hold `,` or `=`, so they can be passed back as values
+    becomes a short hash; a name over 64 characters keeps the objective's values and the seed and
+    hashes the rest (`dpo_beta-0.1_seed-2_h3f2a1c`). Names never hold `,` or `=`, so they can be passed back as values
     (`judge.winrate.baseline=align/tdpo2_alpha-0.3`); the full overrides are in lineage.json."""
     if job:
         from prefkit.rundir import check_name
@@ -61,11 +64,14 @@ def job_name(job: str | None, prefix: str, prefix_key: str, overrides: list[str]
             continue
         pairs.append((key, value))
     leaves = [k.rsplit(".", 1)[-1] for k, _ in pairs]
-    items = sorted(f"{k.rsplit('.', 1)[-1] if leaves.count(k.rsplit('.', 1)[-1]) == 1 else k}-{_short(v)}"
-                   for k, v in pairs)
-    name = "_".join(([prefix] if prefix else []) + items) or "default"
-    if len(name) > 120:
-        name = name[:110] + "-h" + hashlib.sha1(name.encode()).hexdigest()[:6]
+    items = {k: f"{k.rsplit('.', 1)[-1] if leaves.count(k.rsplit('.', 1)[-1]) == 1 else k}-{_short(v)}"
+             for k, v in pairs}
+    name = "_".join(([prefix] if prefix else []) + sorted(items.values())) or "default"
+    if len(name) > _LONG_NAME:  # the swept values (the objective's, the seed) stay readable; a hash for the rest
+        kept = sorted(v for k, v in items.items() if k.startswith(_ALWAYS_NAMED))
+        rest = sorted(v for k, v in items.items() if not k.startswith(_ALWAYS_NAMED))
+        digest = "h" + hashlib.sha1("_".join(rest).encode()).hexdigest()[:6]
+        name = "_".join(([prefix] if prefix else []) + kept + [digest])
     return name
 
 

@@ -29,7 +29,6 @@ SeedLike = int | np.random.Generator
 
 __all__ = [
     "Estimate",
-    "OptimalPoint",
     "WinRate",
     "all_pairs_outcomes",
     "best_of_n_curve",
@@ -37,14 +36,13 @@ __all__ = [
     "best_of_n_reward",
     "bootstrap_ci",
     "combine_two_orders",
+    "envelope_at",
     "estimate",
     "frontier_gap",
     "kl_estimates",
     "kl_k1",
     "kl_k3",
     "label_pairs",
-    "optimal_frontier",
-    "optimal_point",
     "position_consistency",
     "reward_judge_outcomes",
     "upper_envelope",
@@ -97,7 +95,7 @@ def _point_mean(values: np.ndarray, groups: ArrayLike | None, equal_groups: bool
     return float(np.mean(sums / counts)) if equal_groups else float(sums.sum() / counts.sum())
 
 
-def _ragged(rewards_by_prompt: Sequence[Sequence[float]] | np.ndarray, name: str = "rewards_by_prompt"
+def ragged(rewards_by_prompt: Sequence[Sequence[float]] | np.ndarray, name: str = "rewards_by_prompt"
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of different lengths -> (padded [P, M_max] array, mask of real entries, per-row counts)."""
     rows = [np.asarray(r, dtype=np.float64).reshape(-1) for r in rewards_by_prompt]
@@ -351,7 +349,7 @@ def label_pairs(rewards_by_prompt: Sequence[Sequence[float]],
         raise ValueError(f"noise must be in [0, 1], got {noise}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    padded, mask, counts = _ragged(rewards_by_prompt)
+    padded, mask, counts = ragged(rewards_by_prompt)
     if counts.min() < 2:
         raise ValueError(f"rewards_by_prompt: prompt {int(np.argmin(counts))} has fewer than 2 samples")
     n_prompts = len(counts)
@@ -414,7 +412,7 @@ def best_of_n_reward(rewards_by_prompt: Sequence[Sequence[float]], n: int) -> fl
     a U-statistic), averaged over prompts (each weighted equally)."""
     if int(n) != n or n < 1:
         raise ValueError(f"n must be an integer ≥ 1, got {n}")
-    padded, _, counts = _ragged(rewards_by_prompt)
+    padded, _, counts = ragged(rewards_by_prompt)
     if counts.min() < n:
         raise ValueError(f"best_of_n_reward: n = {n} but prompt {int(np.argmin(counts))} has only "
                          f"{counts.min()} samples (need M ≥ n)")
@@ -427,64 +425,6 @@ def best_of_n_curve(rewards_by_prompt: Sequence[Sequence[float]], ns: Sequence[i
     """[(n, best_of_n_kl(n), best_of_n_reward(rewards_by_prompt, n)) for n in ns]: the best-of-n
     baseline of the reward–KL plot (KL analytic, reward estimated from reference samples)."""
     return [(int(n), best_of_n_kl(n), best_of_n_reward(rewards_by_prompt, n)) for n in ns]
-
-
-# --- the optimal KL-regularised policy ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OptimalPoint:
-    """SNIS estimate of π*_β ∝ π_ref·exp(r/β) from reference samples: its reward and KL(π*‖π_ref)
-    (means over prompts), the effective sample size (mean and min over prompts) and whether the mean
-    ESS fell below the threshold (then the point is unreliable: KL is capped by log M and biased low)."""
-
-    beta: float
-    reward: float
-    kl: float
-    ess: float
-    ess_min: float
-    low_ess: bool
-    ess_threshold: float
-    n_prompts: int
-    m: float  # mean number of reference samples per prompt
-
-
-def optimal_point(rewards_by_prompt: Sequence[Sequence[float]], beta: float,
-                  ess_threshold: float | None = None) -> OptimalPoint:
-    """Per prompt, with its M reference samples y_i ~ π_ref and w = softmax(r/β) (self-normalised
-    importance weights of π*_β ∝ π_ref·exp(r/β), as Ji et al. 2024 estimate density ratios in §4.1):
-      reward = Σ_i w_i r_i,   kl = Σ_i w_i log(M w_i)  (≤ log M),   ESS = 1/Σ_i w_i²  (1 … M);
-    reward and kl are averaged over prompts, ESS gives mean and min. `beta` > 0, +inf allowed (π* = π_ref).
-    `ess_threshold` defaults to 0.1·M̄ (M̄ = mean samples per prompt): below it the estimate leans on
-    fewer than a tenth of the samples, i.e. the second-order Rényi divergence exceeds ≈ log 10.
-    Stable for any β: weights from (r − max r)/β and log-sum-exp, 0·log 0 taken as 0.
-    """
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0 (inf allowed), got {beta}")
-    padded, mask, counts = _ragged(rewards_by_prompt)
-    m = counts.astype(np.float64)
-    rmax = np.max(np.where(mask, padded, -np.inf), axis=1, keepdims=True)
-    with np.errstate(over="ignore"):
-        z = np.where(mask, (padded - rmax) / beta, -np.inf)  # ≤ 0, max 0; −inf where a tiny β overflows the gap
-    logw = z - np.log(np.sum(np.exp(z), axis=1, keepdims=True))  # max z = 0, so the sum is ≥ 1
-    w = np.exp(logw)
-    with np.errstate(invalid="ignore"):
-        kl_terms = np.where(w > 0, w * (logw + np.log(m)[:, None]), 0.0)
-    reward = np.sum(np.where(mask, w * padded, 0.0), axis=1)
-    kl = np.clip(np.sum(kl_terms, axis=1), 0.0, np.log(m))  # rounding only; 0 ≤ KL ≤ log M exactly
-    ess = 1.0 / np.sum(w**2, axis=1)
-    threshold = 0.1 * float(m.mean()) if ess_threshold is None else float(ess_threshold)
-    return OptimalPoint(beta=float(beta), reward=float(reward.mean()), kl=float(kl.mean()), ess=float(ess.mean()),
-                        ess_min=float(ess.min()), low_ess=bool(ess.mean() < threshold), ess_threshold=threshold,
-                        n_prompts=len(counts), m=float(m.mean()))
-
-
-def optimal_frontier(rewards_by_prompt: Sequence[Sequence[float]], betas: Sequence[float],
-                     ess_threshold: float | None = None) -> list[OptimalPoint]:
-    """`optimal_point` for each β, sorted by KL (then reward): the reward–KL frontier of π*_β as
-    estimated from reference samples. Include β = inf for the KL = 0 end and a small β for the far end."""
-    points = [optimal_point(rewards_by_prompt, b, ess_threshold) for b in betas]
-    return sorted(points, key=lambda p: (p.kl, p.reward))
 
 
 # --- frontier geometry --------------------------------------------------------------------------
@@ -509,6 +449,19 @@ def upper_envelope(points: Sequence[tuple[float, float]]) -> list[tuple[float, f
         if reward > best:
             out.append((float(kl), float(reward)))
             best = reward
+    return out
+
+
+def envelope_at(points: Sequence[tuple[float, float]], grid: np.ndarray) -> np.ndarray:
+    """The upper envelope of `points` (kl, reward), linearly interpolated in KL at `grid`; NaN
+    outside the envelope's KL range (never extrapolated)."""
+    env = np.asarray(upper_envelope(points), dtype=np.float64).reshape(-1, 2)
+    grid = np.asarray(grid, dtype=np.float64)
+    out = np.full(grid.shape, np.nan)
+    if env.shape[0] == 0:
+        return out
+    inside = (grid >= env[0, 0]) & (grid <= env[-1, 0])
+    out[inside] = np.interp(grid[inside], env[:, 0], env[:, 1])
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from prefkit.errors import UserError
-from prefkit.rundir import Job, jobs
+from prefkit.rundir import Job, flat, identity, jobs
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,8 @@ def describe(policy: Policy) -> dict:
     cfg: DictConfig = policy.job.config()
     info["stage"] = policy.job.stage
     info["seed"] = int(cfg.get("seed", 0))
+    # what the job computed, but its seed: jobs equal in this are one point of the frontier, over seeds
+    info["setting"] = {k: v for k, v in flat(identity(cfg)).items() if k != "seed"}
     if policy.job.stage == "sft":
         return {**info, "objective": "sft-reference", "params": {}}
     objective = dict(cfg.objective)

@@ -91,19 +91,19 @@ def config_hash(cfg: DictConfig | dict) -> str:
     return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+def flat(data: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(data, dict):
         return {prefix: data}
     out: dict[str, Any] = {}
     for key, value in data.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
     return out
 
 
 def config_differences(old: DictConfig | dict, new: DictConfig | dict, limit: int = 4) -> list[str]:
     """The keys whose values differ between two configs' identities, as 'key: old -> new' (changed
     values first, then keys that only one of them has)."""
-    a, b = _flat(identity(old)), _flat(identity(new))
+    a, b = flat(identity(old)), flat(identity(new))
     keys = sorted((k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>")),
                   key=lambda k: (k not in a or k not in b, k))
     shown = [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in keys[:limit]]

@@ -119,7 +119,34 @@ RULES: tuple[Rule, ...] = (
     _positive("frontier.beta_min"),
     _positive("frontier.beta_max"),
     _at_least("frontier.n_betas", 2),
+    _at_least("frontier.bootstrap", 50),
+    _at_least("frontier.grid", 2),
+    _at_least("report.samples", 0),
 )
+
+
+# Options that take one of a few words.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.optimizer": ("adamw", "rmsprop", "sgd"),
+    "train.scheduler": ("constant", "linear", "cosine"),
+    "hardware.precision": ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16"),
+    "hardware.distributed": ("none", "ddp", "fsdp", "deepspeed"),
+    "reference.cache": ("auto", "true", "false"),
+    "rewards.source": ("auto", "data", "model"),
+    "reward.kind": ("bt", "drdo_oracle"),
+    "reward.sft_form": ("nll", "grm_logsigmoid"),
+    "dataset.prompt_truncation": ("keep_end", "keep_start"),
+    "dataset.on_bad_row": ("error", "skip"),
+    "judge.task": ("score", "label", "winrate"),
+    "judge.scorer": ("oracle", "reward_model", "classifier"),
+    "judge.label.mode": ("best_worst", "bradley_terry", "all"),
+    "judge.winrate.judge": ("scorer", "llm"),
+    "judge.winrate.pairs": ("first", "all"),
+    "judge.winrate.tie_rule": ("fastchat", "average"),
+    "judge.llm.backend": ("openai", "hf"),
+    "frontier.kl": ("exact", "k1", "k3"),
+    "frontier.kl_scale": ("auto", "linear", "log"),
+}
 
 
 def _value(cfg: DictConfig, key: str) -> tuple[bool, Any]:
@@ -182,6 +209,10 @@ def check(cfg: DictConfig, check_paths: bool = True) -> None:
         found, value = _value(cfg, rule.key)
         if found and not rule.check(value):
             raise UserError(f"bad value for {rule.key}: {value!r} (must be {rule.describe()})")
+    for key, options in CHOICES.items():
+        found, value = _value(cfg, key)
+        if found and str(value).lower() not in options:
+            raise UserError(f"bad value for {key}: {value!r} (must be one of {', '.join(options)})")
     _combinations(cfg)
     if check_paths and "run" in cfg:
         _writable_root(Path(str(cfg.run.root)))

@@ -40,7 +40,10 @@ BEFORE_RUNNING = [
     (["sample", "sample.top_p=2"], "bad value for sample.top_p: 2 (must be a number > 0 and <= 1)"),
     (["sample", "sample.top_k=-1"], "bad value for sample.top_k: -1"),
     (["judge", "judge.label.noise=1.5"], "bad value for judge.label.noise: 1.5"),
-    (["frontier", "frontier.beta_min=30"], "frontier.beta_min (30) must be below frontier.beta_max"),
+    (["frontier", "frontier.beta_min=60"], "frontier.beta_min (60) must be below frontier.beta_max"),
+    (["frontier", "frontier.kl_scale=lg"], "bad value for frontier.kl_scale: 'lg' (must be one of auto, linear, log)"),
+    (["align", "train.scheduler=cosin"], "bad value for train.scheduler: 'cosin' (must be one of constant, linear"),
+    (["judge", "judge.task=scores"], "bad value for judge.task: 'scores'"),
     (["sft", "run.root=/proc/prefkit-runs"], "run.root=/proc/prefkit-runs: cannot write in /proc"),
     (["sft", "logger.wandb=true"], "logger.wandb=true but wandb has no credentials"),
 ]
@@ -61,6 +64,11 @@ def _one_line(tmp_path: Path, args: list[str], env: dict | None = None) -> str:
 def test_bad_input_before_running(tmp_path, args, expected):
     env = {"WANDB_MODE": "", "WANDB_API_KEY": "", "NETRC": str(tmp_path / "no-netrc")}
     assert expected in _one_line(tmp_path, args, env)
+
+
+def test_a_report_on_a_run_with_nothing_judged_says_what_to_run(tmp_path):
+    line = _one_line(tmp_path, ["report", "run.name=empty"])
+    assert "no frontier in outputs/empty to report on" in line and "`prefkit judge run.name=empty`" in line
 
 
 def test_run_root_that_is_a_file(tmp_path):

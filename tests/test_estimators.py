@@ -22,13 +22,12 @@ from prefkit.estimators import (
     kl_k1,
     kl_k3,
     label_pairs,
-    optimal_frontier,
-    optimal_point,
     position_consistency,
     reward_judge_outcomes,
     upper_envelope,
     win_rate,
 )
+from prefkit.optimal import optimal_frontier, optimal_point
 
 
 def kl(p: np.ndarray, q: np.ndarray) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import http.server
 import json
+import re
 import threading
 from pathlib import Path
 from typing import ClassVar
@@ -119,17 +120,23 @@ def test_judge_summary_and_frontier(run):
         for est in entry["kl"].values():
             assert est["low"] <= est["mean"] <= est["high"]
     plot = run / "frontier/plot"
-    for name in ("frontier.png", "frontier.svg", "frontier.csv", "optimal.csv", "best_of_n.csv", "lineage.json"):
-        assert (plot / name).stat().st_size > 0, name
+    for name in ("frontier.png", "frontier.svg", "frontier.csv", "frontier_seeds.csv", "optimal.csv", "best_of_n.csv",
+                 "matched_kl.csv", "summary.json", "lineage.json"):
+        assert (plot / name).exists(), name
     rows = list(csv.DictReader((plot / "frontier.csv").open()))
     assert len(rows) == 7 and {r["objective"] for r in rows} >= {"sft-reference", "dpo", "tdpo2", "drdo"}
+    assert all(r["seeds"] == "1" for r in rows) and len(list(csv.DictReader((plot / "frontier_seeds.csv").open()))) == 7
     ref = next(r for r in rows if r["objective"] == "sft-reference")
     assert abs(float(ref["kl"])) < 1e-4
     assert abs(float(ref["gap_to_optimal"])) < 1e-9  # the optimal frontier starts at the reference (β = inf)
     optimal = list(csv.DictReader((plot / "optimal.csv").open()))
     trusted = max(float(o["kl"]) for o in optimal if o["low_ess"] == "False")
-    for r in rows:  # no gap where the reference's samples cannot estimate the optimum
-        assert (r["gap_to_optimal"] == "nan") == (float(r["kl"]) > trusted), r
+    for r in rows:  # a gap with its CI wherever the optimal frontier is estimated; none beyond it
+        if float(r["kl"]) <= trusted and r["gap_to_optimal"] != "nan":
+            assert float(r["gap_low"]) <= float(r["gap_to_optimal"]) <= float(r["gap_high"]), r
+        if float(r["kl"]) > trusted:
+            assert r["gap_to_optimal"] == "nan", r
+    assert all(o["proposal"] in {r["policies"] for r in rows} for o in optimal)  # the reference or a sampled policy
     bon = list(csv.DictReader((plot / "best_of_n.csv").open()))
     assert [int(b["n"]) for b in bon] == [1, 2, 4, 8]
 
@@ -266,3 +273,18 @@ def test_unreadable_judge_replies_are_invalid_verdicts_not_crashes(monkeypatch):
             assert judge_both_orders(backend, template, "p", "a", "b")[:2] == (None, None)
     finally:
         server.shutdown()
+
+
+def test_report_is_one_self_contained_document(run):
+    prefkit("report", f"run.name={RUN}", "job=doc", cwd=run.parent.parent)
+    doc = run / "report/doc"
+    page = (doc / "report.html").read_text()
+    for section in ("Reward vs KL", "Reward at matched KL", "Training curves", "Samples", "Lineage"):
+        assert section in page, section
+    sources = re.findall(r'(?:src|href)="([^"#]+)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)  # no file, server or network
+    assert page.count("<img") >= 3  # the frontier and the training curves of the aligned series
+    md = (doc / "report.md").read_text()
+    for image in re.findall(r"\]\(([^)]+\.png)\)", md):
+        assert (doc / image).exists(), image
+    assert "prefkit align" in md and "| series |" in md

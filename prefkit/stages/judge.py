@@ -88,7 +88,9 @@ def score(cfg: DictConfig, out: Path, run_path: Path, samples_job: Job, inputs: 
         rows = samples_of(samples_job, entry)
         scores = fn([(r["prompt"], r["completion"]) for r in rows])
         scores_path = out / "scores" / f"{_file_key(key)}.jsonl"
-        write_jsonl(scores_path, [{"prompt_id": r["prompt_id"], "sample": r["sample"], "score": s}
+        # per sample: what the frontier needs (reward, KL, and the log-ratio that weights samples toward π*)
+        write_jsonl(scores_path, [{"prompt_id": r["prompt_id"], "sample": r["sample"], "score": s,
+                                   **{k: r[k] for k in ("logp_policy", "logp_ref", "kl_exact") if k in r}}
                                   for r, s in zip(rows, scores, strict=True)])
         summary["policies"][key] = {**{k: v for k, v in entry.items() if k != "samples"},
                                     "scores": str(scores_path), **_policy_numbers(rows, scores, j)}
