@@ -28,6 +28,7 @@ STAGES = {
     "judge": ("prefkit.stages.judge", "Score samples, estimate KL, label pairs, or compute win rates."),
     "frontier": ("prefkit.stages.frontier", "Reward-vs-KL frontier of everything judged: CSV, plot, table."),
     "report": ("prefkit.stages.report", "One self-contained HTML (and Markdown) report of the run."),
+    "run": ("prefkit.stages.experiment", "Run an experiment (conf/experiment/<name>.yaml), then test its claims."),
 }
 
 

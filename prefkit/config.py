@@ -10,6 +10,7 @@ catch mistakes early, while nothing has been written yet.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import itertools
 import os
@@ -91,7 +92,7 @@ def register_resolvers() -> None:
 
 # --- validation ---------------------------------------------------------------------------------
 
-def _override_variants(overrides: list[str]) -> list[list[str]]:
+def override_variants(overrides: list[str]) -> list[list[str]]:
     """The override lists of the sweep's jobs (at most a bounded number of them)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -113,38 +114,67 @@ def _override_variants(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in combos]
 
 
-def _is_group_choice(override: str) -> bool:
-    """`objective=tdpo2`, `hydra/launcher=...`: a config-group choice, not a value."""
-    key = override.split("=", 1)[0].lstrip("+~")
+@functools.cache
+def _is_group(key: str) -> bool:
     return "/" in key or ("." not in key and bool(_group_options(key)))
 
 
+def _is_group_choice(override: str) -> bool:
+    """`objective=tdpo2`, `hydra/launcher=...`: a config-group choice, not a value."""
+    return _is_group(override.split("=", 1)[0].lstrip("+~"))
+
+
 def validate(stage: str, overrides: list[str]) -> None:
-    """Compose every job of the (possibly swept) command; raise UserError on the first problem."""
-    from hydra import compose, initialize_config_dir
+    """Compose every job of the (possibly swept) command; raise UserError on the first problem. An
+    experiment (`prefkit run`) also composes every job of every stage it plans, and its claims."""
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        for variant in override_variants(overrides):
+            cfg = compose_checked(stage, variant)
+            if stage == "run":
+                from prefkit import experiment
+
+                experiment.check(experiment.plan(cfg.experiment), compose_checked)
+    GlobalHydra.instance().clear()
+
+
+def compose_checked(stage: str, overrides: list[str]) -> DictConfig:
+    """One job's config, composed and checked (types, schema); inside an initialised Hydra."""
+    from hydra import compose
 
     from prefkit import schema
 
-    register_resolvers()
     search = user_search_path()
     extra = [f"hydra.searchpath=[{','.join(search)}]"] if search else []
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        for variant in _override_variants(overrides):
-            try:
-                cfg = compose(config_name=stage, overrides=extra + variant)
-                # the same groups without value overrides: the reference for value types
-                groups_only = [o for o in variant if _is_group_choice(o)]
-                defaults = compose(config_name=stage, overrides=extra + groups_only)
-            except Exception as err:
-                raise UserError(_explain(stage, variant, err)) from None
-            missing = sorted(OmegaConf.missing_keys(cfg))
-            if missing:
-                raise UserError(f"{stage} needs a value for {', '.join(missing)} (add e.g. {missing[0]}=...)")
-            _check_types(cfg, defaults)
-            schema.check(cfg)
-    GlobalHydra.instance().clear()
+    try:
+        cfg = compose(config_name=stage, overrides=extra + overrides)
+        # the same groups without value overrides: the reference for value types
+        defaults = _defaults(stage, tuple(extra + [o for o in overrides if _is_group_choice(o)]))
+    except Exception as err:
+        raise UserError(_explain(stage, overrides, err)) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"{stage} needs a value for {', '.join(missing)} (add e.g. {missing[0]}=...)")
+    _check_types(cfg, defaults)
+    schema.check(cfg)
+    return cfg
+
+
+_DEFAULTS: dict[tuple, DictConfig] = {}
+
+
+def _defaults(stage: str, groups: tuple[str, ...]) -> DictConfig:
+    """A stage's config with only these group choices (cached: a sweep's jobs share them)."""
+    from hydra import compose
+
+    key = (stage, groups)
+    if key not in _DEFAULTS:
+        _DEFAULTS[key] = compose(config_name=stage, overrides=list(groups))
+    return _DEFAULTS[key]
 
 
 def _check_types(cfg: DictConfig, defaults: DictConfig, prefix: str = "") -> None:
