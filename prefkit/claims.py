@@ -6,12 +6,14 @@ the other side, "inconclusive" otherwise.
 Statistics (`statistic.kind`):
 - matched_kl   reward of series `a` minus series `b` at equal KL, averaged over their common KL range
                (prefkit.comparison; CI resamples each series' seeds and the prompts)
-- contrast     Σ weight × (reward or KL) of points (one per `terms` entry); e.g. a difference of two
-               points, or a difference of two drops (CI: seeds of every point and the prompts)
+- contrast     Σ weight × (reward, KL or win rate against the SFT model) of points (one per `terms`
+               entry; a selector picks the final model, or the checkpoint `step`); e.g. a difference
+               of two points, or of two drops (CI: the seeds of every point, and the prompts)
 - log_change   from training logs (metrics.jsonl): the last minus the first logged value of `metric`
                for the align jobs `a` selects (mean over them; with `b`, the difference of the two
                means); CI: Student/Welch t over the jobs (one per seed)
-- log_final    the same with the last logged value
+- log_final    the same with the last logged value; log_mean: the mean over every logged value;
+               `abs: true` takes each job's absolute value (a change of either sign)
 - log_ratio_gap  final eval metrics `x_a/y_a − x_b/y_b` (ratios of logged means; e.g. a conditional
                mean from `diag/…_x_frac` and `diag/frac_…`), per job; CI: t over the jobs
 - density      EXO Fig. 3's question from `judge.task=density` (mean |log π/π_ref − log π*/π_ref| on
@@ -84,9 +86,10 @@ def _one_series(series: list[Series], selector: dict, what: str) -> Series:
 
 
 def _one_point(series: list[Series], selector: dict, what: str) -> Point:
+    """The point a selector picks: its final model unless the selector names a checkpoint `step`."""
     found = [p for s in series for p in s.points
              if matches(selector, s.objective, p.runs[0].params, p.runs[0].setting)
-             and (selector.get("step") is None or p.runs[0].step == selector["step"])]
+             and p.runs[0].step == selector.get("step")]
     if len(found) != 1:
         raise UserError(f"claim {what}: selector {selector} picks {len(found)} points; it must pick one")
     return found[0]
@@ -128,12 +131,29 @@ def _matched_kl(ctx: Context, st: dict, name: str) -> tuple[float, float, float,
     return (*m.mean, f"{a.label} − {b.label} over KL [{m.grid[0]:.2f}, {m.grid[-1]:.2f}]: {m.verdict()}")
 
 
+def _win_rates(run, reference) -> np.ndarray:
+    """Per prompt: the share of the run's samples that beat the reference's sample of the same
+    index (ties ½): a win rate against the SFT model, as `judge.task=winrate` with the scorer."""
+    out = []
+    for own, ref in zip(run.sample_rewards, reference.sample_rewards, strict=True):
+        pairs = list(zip(own, ref, strict=False))
+        out.append(np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs]))
+    return np.array(out)
+
+
+def _values(ctx: Context, point: Point, metric: str) -> np.ndarray:
+    if metric == "winrate":
+        reference = next(p.runs[0] for s in ctx.series if s.objective == REFERENCE for p in s.points)
+        return np.stack([_win_rates(r, reference) for r in point.runs])
+    return np.stack([getattr(r, metric) for r in point.runs])
+
+
 def _contrast(ctx: Context, st: dict, name: str) -> tuple[float, float, float, str]:
     metric = st.get("metric", "reward")
-    if metric not in ("reward", "kl"):
-        raise UserError(f"claim {name}: contrast metric must be reward or kl, not {metric}")
+    if metric not in ("reward", "kl", "winrate"):
+        raise UserError(f"claim {name}: contrast metric must be reward, kl or winrate, not {metric}")
     terms = [(_one_point(ctx.series, t["select"], name), float(t.get("weight", 1.0))) for t in st["terms"]]
-    values = [np.stack([getattr(r, metric) for r in p.runs]) for p, _ in terms]
+    values = [_values(ctx, p, metric) for p, _ in terms]
 
     def stat(seed_idx, prompt_idx):
         return sum(w * v[idx][:, prompt_idx].mean() for (_, w), v, idx in zip(terms, values, seed_idx, strict=True))
@@ -144,13 +164,14 @@ def _contrast(ctx: Context, st: dict, name: str) -> tuple[float, float, float, s
     return float(est), float(low), float(high), f"{metric}: {detail}"
 
 
-def _log_values(run: Path, selector: dict, metric: str, kind: str) -> list[float]:
+def _log_values(run: Path, selector: dict, metric: str, kind: str, absolute: bool = False) -> list[float]:
     values = []
     for job in _jobs(run, selector):
-        rows = [r for r in read_jsonl(job.path / "metrics.jsonl") if metric in r]
+        rows = [r[metric] for r in read_jsonl(job.path / "metrics.jsonl") if metric in r]
         if not rows:
             raise UserError(f"align/{job.name} never logged {metric}")
-        values.append(rows[-1][metric] - rows[0][metric] if kind == "log_change" else rows[-1][metric])
+        value = {"log_change": rows[-1] - rows[0], "log_final": rows[-1], "log_mean": float(np.mean(rows))}[kind]
+        values.append(abs(value) if absolute else value)
     if not values:
         raise UserError(f"no align job of the run matches {selector}")
     return values
@@ -178,9 +199,12 @@ def _t_interval(a: list[float], b: list[float] | None) -> tuple[float, float, fl
 
 def _log(kind: str) -> Callable[[Context, dict, str], tuple[float, float, float, str]]:
     def compute(ctx: Context, st: dict, name: str) -> tuple[float, float, float, str]:
-        a = _log_values(ctx.run, st["a"], st["metric"], kind)
-        b = _log_values(ctx.run, st["b"], st["metric"], kind) if st.get("b") else None
-        what = "change over training" if kind == "log_change" else "final value"
+        absolute = bool(st.get("abs", False))
+        a = _log_values(ctx.run, st["a"], st["metric"], kind, absolute)
+        b = _log_values(ctx.run, st["b"], st["metric"], kind, absolute) if st.get("b") else None
+        what = {"log_change": "change over training", "log_final": "final value",
+                "log_mean": "mean over training"}[kind]
+        what = f"|{what}|" if absolute else what
         detail = f"{st['metric']} {what}: {len(a)} job(s)" + (f" vs {len(b)}" if b else "")
         return (*_t_interval(a, b), detail)
     return compute
@@ -210,7 +234,8 @@ def _density(ctx: Context, st: dict, name: str) -> tuple[float, float, float, st
 
 STATISTICS: dict[str, Callable[[Context, dict, str], tuple[float, float, float, str]]] = {
     "matched_kl": _matched_kl, "contrast": _contrast, "log_change": _log("log_change"),
-    "log_final": _log("log_final"), "log_ratio_gap": _log_ratio_gap, "density": _density}
+    "log_final": _log("log_final"), "log_mean": _log("log_mean"), "log_ratio_gap": _log_ratio_gap,
+    "density": _density}
 
 
 def check_spec(claim: dict) -> None:

@@ -46,11 +46,35 @@ def _make_command(stage: str, module: str, help_text: str) -> None:
     def command(ctx: typer.Context) -> None:
         from prefkit.config import run_stage
 
-        run_stage(stage, list(ctx.args), lambda: _load_stage(module))
+        run_stage(stage, list(ctx.args), lambda: _load_stage(module), help_text)
 
 
 for _stage, (_module, _help) in STAGES.items():
     _make_command(_stage, _module, _help)
+
+
+@app.command(name="status", help="Every job of a run by stage: state and headline numbers (run.name=..., --json).",
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")
+           ) -> None:
+    from pathlib import Path
+
+    from prefkit.console import print_error
+    from prefkit.errors import UserError
+    from prefkit.rundir import check_name
+    from prefkit.status import show
+
+    settings = {"run.name": "default", "run.root": "outputs"}
+    try:
+        for arg in ctx.args:
+            key, _, value = arg.partition("=")
+            if key not in settings or not value:
+                raise UserError(f"status takes run.name=<name> and run.root=<dir> (and --json), not {arg!r}")
+            settings[key] = value
+        show(Path(settings["run.root"]) / check_name(settings["run.name"], "run.name"), as_json)
+    except UserError as err:
+        print_error("status", str(err))
+        raise SystemExit(2) from None
 
 
 def _version(value: bool) -> None:

@@ -9,6 +9,7 @@ catch mistakes early, while nothing has been written yet.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -85,6 +86,8 @@ def _short(value: str) -> str:
 
 
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("pk_mul"):
+        OmegaConf.register_new_resolver("pk_mul", lambda a, b: float(a) * float(b))
     if not OmegaConf.has_resolver("pk_job"):
         OmegaConf.register_new_resolver(
             "pk_job", lambda job, prefix, key, overrides: job_name(job, prefix, key, list(overrides or [])))
@@ -142,6 +145,21 @@ def validate(stage: str, overrides: list[str]) -> None:
     GlobalHydra.instance().clear()
 
 
+def _dry_run(stage: str, overrides: list[str]) -> str:
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from prefkit.helptext import dry_run
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        variants = override_variants(overrides)
+        text = "\n".join(dry_run(stage, compose_checked(stage, v), v) for v in variants[:1])
+    GlobalHydra.instance().clear()
+    more = f"\n(and {len(variants) - 1} more job(s) of this sweep)" if len(variants) > 1 else ""
+    return text + more
+
+
 def compose_checked(stage: str, overrides: list[str]) -> DictConfig:
     """One job's config, composed and checked (types, schema); inside an initialised Hydra."""
     from hydra import compose
@@ -161,6 +179,7 @@ def compose_checked(stage: str, overrides: list[str]) -> DictConfig:
         raise UserError(f"{stage} needs a value for {', '.join(missing)} (add e.g. {missing[0]}=...)")
     _check_types(cfg, defaults)
     schema.check(cfg)
+    check_imports(cfg)
     return cfg
 
 
@@ -200,13 +219,34 @@ def _check_types(cfg: DictConfig, defaults: DictConfig, prefix: str = "") -> Non
             raise UserError(f"bad value for {path}: {new!r} is not a number")
 
 
-def _group_options(group: str) -> list[str]:
-    from hydra.core.global_hydra import GlobalHydra
+def config_dirs() -> list[Path]:
+    """Where configs are found: the user's PREFKIT_CONFIG_PATH directories first, then prefkit's."""
+    return [Path(u[len("file://"):]) for u in user_search_path()] + [conf_dir()]
 
-    try:
-        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
-    except Exception:
-        return []
+
+def _group_options(group: str) -> list[str]:
+    """Every option of a config group, the user's own (PREFKIT_CONFIG_PATH) included."""
+    return sorted({p.stem for d in config_dirs() for p in (d / group).glob("*.yaml")})
+
+
+def importable_dirs() -> list[str]:
+    """Where a config's `import:` modules are looked for: the working directory and the
+    PREFKIT_CONFIG_PATH directories (beside the YAML that names them)."""
+    return [os.getcwd(), *(str(d) for d in config_dirs()[:-1])]
+
+
+def check_imports(cfg: DictConfig) -> None:
+    """An objective's `import:` modules can be found (before anything runs)."""
+    import importlib.util
+
+    names = (cfg.get("objective") or {}).get("import") or []
+    for name in [names] if isinstance(names, str) else list(names):
+        for d in importable_dirs():
+            if d not in sys.path:
+                sys.path.insert(0, d)
+        if importlib.util.find_spec(str(name)) is None:
+            raise UserError(f"objective {cfg.objective.name} imports {name}, which is not in the working directory or "
+                            f"a PREFKIT_CONFIG_PATH directory ({', '.join(importable_dirs())}); put {name}.py there")
 
 
 def _explain(stage: str, overrides: list[str], err: Exception) -> str:
@@ -244,12 +284,54 @@ def _valid_keys(stage: str, overrides: list[str], key: str, parent: str) -> list
     from hydra import compose
 
     rest = [o for o in overrides if not o.lstrip("+~").startswith(key + "=")]
+    search = user_search_path()
+    extra = [f"hydra.searchpath=[{','.join(search)}]"] if search else []
     try:
-        cfg = compose(config_name=stage, overrides=rest)
+        cfg = compose(config_name=stage, overrides=extra + rest)
         node = OmegaConf.select(cfg, parent) if parent else cfg
         return sorted(node.keys()) if isinstance(node, DictConfig) else []
     except Exception:
         return []
+
+
+# --- stopping ---------------------------------------------------------------------------------
+
+class Stopped(Exception):
+    """A job stopped by Ctrl-C (exit 130) or SIGTERM (exit 143); the message says where."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C so that the same code saves and reports."""
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGTERM raises Terminated; an interrupt that no stage turned into Stopped (e.g. while
+    sampling) becomes one here."""
+    import signal
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except Terminated:
+        raise Stopped("stopped by SIGTERM (what is complete is kept)", 143) from None
+    except KeyboardInterrupt:
+        raise Stopped("interrupted (what is complete is kept)", 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def resume_command(stage: str, args: list[str]) -> str:
+    import shlex
+
+    return " ".join(["prefkit", stage, *(shlex.quote(a) for a in args)])
 
 
 # --- entry --------------------------------------------------------------------------------------
@@ -276,19 +358,33 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-def run_stage(stage: str, args: list[str], load_task: Callable[[], Callable[[DictConfig], float | None]]) -> None:
+def run_stage(stage: str, args: list[str], load_task: Callable[[], Callable[[DictConfig], float | None]],
+              summary: str = "") -> None:
     """Validate, then hand `args` to a hydra.main entry point for conf/<stage>.yaml. The stage's
     code (and torch) is imported only once the command is known to be valid: a bad override
-    answers in a second."""
+    answers in a second. `--help` describes the stage's keys; `--dry-run` validates and says what
+    the command would write and read, writing nothing."""
     import hydra
 
     from prefkit.console import print_error
 
     register_resolvers()
     flags, overrides = split_args(args)
+    if "--help" in flags or "-h" in flags:
+        from prefkit.helptext import stage_help
+
+        print(stage_help(stage, summary))
+        return
+    if ("--cfg" in flags or "-c" in flags) and "--resolve" not in flags:
+        flags.append("--resolve")  # show values, not ${interpolations}
+    dry = "--dry-run" in flags
+    flags = [f for f in flags if f != "--dry-run"]
     if not any(f in _HYDRA_INFO_FLAGS for f in flags):
         try:
             validate(stage, overrides)
+            if dry:
+                print(_dry_run(stage, overrides))
+                return
         except UserError as err:
             print_error(stage, str(err))
             raise SystemExit(2) from None
@@ -298,11 +394,12 @@ def run_stage(stage: str, args: list[str], load_task: Callable[[], Callable[[Dic
 
     @hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")
     def _entry(cfg: DictConfig) -> float | None:
+        from prefkit.console import mirrored_to
         from prefkit.rundir import JobBusy, discard_if_unstarted, job_dir, job_lock
 
         out = job_dir()
         try:
-            with job_lock(out):
+            with job_lock(out), mirrored_to(out / f"{stage}.log"), stopped_by_signals():
                 return task(cfg)
         except JobBusy as err:  # the holder's job: touch nothing
             print_error(stage, str(err))
@@ -311,6 +408,9 @@ def run_stage(stage: str, args: list[str], load_task: Callable[[], Callable[[Dic
             print_error(stage, str(err))
             discard_if_unstarted(out)
             raise SystemExit(2) from None
+        except Stopped as stop:  # Ctrl-C or SIGTERM: say where it stopped and how to go on
+            print_error(stage, f"{stop}; rerun the same command to resume: {resume_command(stage, args)}")
+            raise SystemExit(stop.exit_code) from None
 
     sys.argv = [f"prefkit {stage}", *flags, *extra, *overrides]
     _entry()

@@ -67,12 +67,45 @@ def encode(tokenizer, prompt: str, completion: str, *, max_length: int, max_prom
     return Encoded(tuple(prompt_ids + response_ids), len(prompt_ids))
 
 
+def check_unknown(seqs: list[Encoded], tokenizer, ds_cfg, where: str) -> None:
+    """Warn when more than 1% of the data's tokens are <unk> for this tokenizer, and stop above
+    `dataset.max_unk_share`: a model that reads most of the data as <unk> trains on nothing and
+    still reports numbers."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    total = sum(len(s.ids) for s in seqs)
+    if unk is None or total == 0:
+        return
+    share = sum(s.ids.count(unk) for s in seqs) / total
+    limit = float(ds_cfg.get("max_unk_share", 0.05))
+    what = (f"{where}: {share:.1%} of the tokens are <unk> for the tokenizer of "
+            f"{getattr(tokenizer, 'name_or_path', 'this model')} (its vocabulary does not cover this text)")
+    if share > limit:
+        raise UserError(f"{what}; use a model whose tokenizer reads this text, or raise dataset.max_unk_share "
+                        f"(now {limit})")
+    if share > 0.01:
+        import logging
+
+        logging.getLogger("prefkit").warning("%s", what)
+
+
 def encode_options(ds_cfg) -> dict[str, Any]:
     return {"max_length": int(ds_cfg.max_length), "max_prompt_length": int(ds_cfg.max_prompt_length),
             "prompt_truncation": str(ds_cfg.get("prompt_truncation", "keep_end")),
             "min_response_tokens": int(ds_cfg.get("min_response_tokens", 1)),
             "add_eos": bool(ds_cfg.get("add_eos", True)),
             "prompt_special_tokens": bool(ds_cfg.get("prompt_special_tokens", True))}
+
+
+def encode_prompts(tokenizer, prompts: list[dict], ds) -> list[tuple[int, tuple[int, ...]]]:
+    """(prompt index, token ids) of every prompt, exactly as training saw them (same truncation rule)."""
+    budget = min(int(ds.max_prompt_length), int(ds.max_length) - 1)
+    encoded = []
+    for i, row in enumerate(prompts):
+        e = encode(tokenizer, row["prompt"], "x", max_length=budget + 1, max_prompt_length=budget,
+                   prompt_truncation=str(ds.get("prompt_truncation", "keep_end")),
+                   prompt_special_tokens=bool(ds.get("prompt_special_tokens", True)), add_eos=False)
+        encoded.append((i, e.ids[:e.prompt_len]))
+    return encoded
 
 
 def join_text(prompt: str, completion: str) -> str:

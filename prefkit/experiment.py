@@ -7,6 +7,7 @@ prefkit command (a sweep runs as a Hydra multirun), and the claims to test on th
       - [sft]
       - [align, dataset=labeled, "objective=dpo,tdpo2", "seed=0,1,2"]
       - [frontier, job=frontier]
+    launch: [accelerate, launch, --multi_gpu, --num_processes, "8"]   # optional, for sft, reward, align
     claims:
       - name: tdpo2_above_dpo
         description: TDPO2's reward at matched KL is above DPO's
@@ -14,9 +15,10 @@ prefkit command (a sweep runs as a Hydra multirun), and the claims to test on th
         statistic: {kind: matched_kl, a: {objective: tdpo2}, b: {objective: dpo}}
         direction: ">"
 
-`extra.<stage>: [...]` adds overrides to every command of that stage (tests shrink an experiment
-with it). Everything is checked before anything runs: every command composes (every job of every
-sweep), every claim is well formed, and every claim's selectors pick jobs that the sweeps plan.
+`extra.<stage>: [...]` adds overrides to every command of that stage, replacing the stage's own
+override of the same key (tests shrink an experiment with it: `extra.align: ["seed=0"]`).
+Everything is checked before anything runs: every command composes (every job of every sweep),
+every claim is well formed, and every claim's selectors pick jobs that the sweeps plan.
 """
 
 from __future__ import annotations
@@ -30,18 +32,24 @@ from prefkit.errors import UserError
 RUNNABLE = ("sft", "reward", "align", "sample", "judge", "frontier", "report")
 
 
+TRAINING = ("sft", "reward", "align")
+
+
 @dataclass
 class Step:
     stage: str
     overrides: list[str]
     sweep: bool  # a multirun (some override sweeps)
+    launch: list[str] = field(default_factory=list)  # e.g. accelerate launch ... (training stages only)
 
-    def command(self, run_name: str, root: str) -> list[str]:
-        return [self.stage, *(["-m"] if self.sweep else []), *self.overrides, f"run.name={run_name}",
+    def command(self, python: str, run_name: str, root: str) -> list[str]:
+        head = [*self.launch, "-m", "prefkit.cli"] if self.launch else [python, "-m", "prefkit.cli"]
+        return [*head, self.stage, *(["-m"] if self.sweep else []), *self.overrides, f"run.name={run_name}",
                 f"run.root={root}"]
 
     def __str__(self) -> str:
-        return " ".join(["prefkit", self.stage, *(["-m"] if self.sweep else []), *self.overrides])
+        head = [*self.launch, "-m", "prefkit.cli"] if self.launch else ["prefkit"]
+        return " ".join([*head, self.stage, *(["-m"] if self.sweep else []), *self.overrides])
 
 
 @dataclass
@@ -50,6 +58,16 @@ class Plan:
     title: str
     steps: list[Step]
     claims: list[dict] = field(default_factory=list)
+
+
+def _merge(overrides: list[str], extra: list[str]) -> list[str]:
+    """The stage's overrides with `extra` added; an extra override of a key the stage sets replaces it
+    (so `extra.align: ["seed=0"]` runs one seed of a three-seed sweep)."""
+    def key(o: str) -> str:
+        return o.split("=", 1)[0].lstrip("+~")
+
+    replaced = {key(o): o for o in extra}
+    return [replaced.pop(key(o), o) for o in overrides] + list(replaced.values())
 
 
 def _is_sweep(overrides: list[str]) -> bool:
@@ -72,15 +90,19 @@ def plan(experiment: DictConfig) -> Plan:
     if unknown:
         raise UserError(f"experiment {name}: extra names unknown stage(s) {', '.join(unknown)}; valid: "
                         f"{', '.join(RUNNABLE)}")
+    launch = exp.get("launch") or []
+    if not isinstance(launch, list) or not all(isinstance(x, str) for x in launch):
+        raise UserError(f"experiment {name}: launch must be a list of words (e.g. [accelerate, launch, --multi_gpu])")
     steps = []
     for i, entry in enumerate(exp["stages"]):
         if not isinstance(entry, list) or not entry or not isinstance(entry[0], str):
             raise UserError(f"experiment {name}: stage {i + 1} must be a list [stage, overrides...], not {entry!r}")
-        stage, overrides = entry[0], [str(o) for o in entry[1:]] + [str(o) for o in extra.get(entry[0], [])]
+        stage = entry[0]
         if stage not in RUNNABLE:
             raise UserError(f"experiment {name}: stage {i + 1} is '{stage}', which is not a stage; valid: "
                             f"{', '.join(RUNNABLE)}")
-        steps.append(Step(stage, overrides, _is_sweep(overrides)))
+        overrides = _merge([str(o) for o in entry[1:]], [str(o) for o in extra.get(stage, [])])
+        steps.append(Step(stage, overrides, _is_sweep(overrides), launch if stage in TRAINING else []))
     claims = exp.get("claims") or []
     from prefkit.claims import check_spec
 

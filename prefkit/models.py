@@ -3,8 +3,6 @@ through the same `from_pretrained` path."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,75 +12,11 @@ from torch import nn
 
 from prefkit.errors import UserError
 
-EMBEDDED_PREFIX = "embedded:"
-SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>"}
-
-
-def build_word_tokenizer(words: list[str]):
-    """A word-level tokenizer over `words`, in HF format (PreTrainedTokenizerFast)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
-    for word in words:
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    # Like Llama's tokenizer, a BOS starts every encoded text unless add_special_tokens=False.
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{SPECIAL_TOKENS['bos']} $A", special_tokens=[(SPECIAL_TOKENS["bos"], vocab["<bos>"])])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=SPECIAL_TOKENS["pad"], unk_token=SPECIAL_TOKENS["unk"],
-        bos_token=SPECIAL_TOKENS["bos"], eos_token=SPECIAL_TOKENS["eos"], clean_up_tokenization_spaces=False)
-
-
-def build_embedded_model(arch: dict[str, Any], tokenizer) -> nn.Module:
-    """A freshly initialised tiny GPT-NeoX sized by `arch` (seeded, so reproducible)."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    arch = dict(arch)
-    seed = arch.pop("seed", 0)
-    vocab_size = -(-len(tokenizer) // 8) * 8  # pad to a multiple of 8, as real vocabularies are
-    config = GPTNeoXConfig(
-        vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **arch)
-    torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
-def embedded_dir(name: str, arch: dict[str, Any], cache_root: Path) -> Path:
-    """Create (once) and return the directory of the embedded model `name` with `arch`.
-
-    The directory is keyed by a hash of the architecture and the lexicon, so changing either
-    gives a new model instead of silently reusing a stale one."""
-    from prefkit import synthetic
-
-    words = synthetic.lexicon()
-    key = hashlib.sha256(json.dumps({"arch": dict(arch), "words": words}, sort_keys=True).encode()).hexdigest()[:12]
-    out = cache_root / "embedded" / f"{name}-{key}"
-    if (out / "config.json").exists():
-        return out
-    tokenizer = build_word_tokenizer(words)
-    model = build_embedded_model(arch, tokenizer)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    from prefkit.rundir import share_safetensors
-
-    share_safetensors(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process made it first
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
 
 def resolve_model_path(model_cfg, cache_root: Path) -> str:
     """Turn a model config's `name_or_path` into something `from_pretrained` accepts."""
+    from prefkit.embedded import EMBEDDED_PREFIX, embedded_dir
+
     name = str(model_cfg.name_or_path)
     if name.startswith(EMBEDDED_PREFIX):
         arch = model_cfg.get("embedded") or {}

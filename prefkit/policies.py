@@ -88,8 +88,9 @@ def describe(policy: Policy) -> dict:
     cfg: DictConfig = policy.job.config()
     info["stage"] = policy.job.stage
     info["seed"] = int(cfg.get("seed", 0))
-    # what the job computed, but its seed: jobs equal in this are one point of the frontier, over seeds
-    info["setting"] = {k: v for k, v in flat(identity(cfg)).items() if k != "seed"}
+    # what the job computed, but its seed (and the diagnostics it logged besides): jobs equal in this are
+    # one point of the frontier, over seeds
+    info["setting"] = {k: v for k, v in flat(identity(cfg)).items() if k != "seed" and not k.startswith("diagnostics.")}
     if policy.job.stage == "sft":
         return {**info, "objective": "sft-reference", "params": {}}
     objective = dict(cfg.objective)

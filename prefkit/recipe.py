@@ -13,16 +13,24 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from prefkit.console import console
-from prefkit.data import Encoded, encode, encode_options
+from prefkit.data import Encoded, check_unknown, encode, encode_options
 from prefkit.errors import UserError
 from prefkit.models import load_model, resolve_model_path, save_policy
 from prefkit.modules import StatsLM
 from prefkit.objectives import Needs
-from prefkit.rundir import job_input, require_job
+from prefkit.rundir import Job, job_input, require_job
 from prefkit.stateful import Stateful
 from prefkit.trainer import EvalFn, LossFn, SaveFn, Trainer
 
 # --- where the model starts ---------------------------------------------------------------------
+
+
+def consumed_sft(cfg: DictConfig, run: Path) -> Job | None:
+    """The run's SFT job this stage starts from (policy.init=sft), or None."""
+    if str(cfg.policy.init) != "sft":
+        return None
+    return require_job(run, "sft", cfg.policy.get("sft_job"), key="policy.sft_job",
+                       how=f"prefkit sft run.name={cfg.run.name}")
 
 
 def policy_init(cfg: DictConfig, run: Path) -> tuple[str, dict[str, Any]]:
@@ -58,8 +66,10 @@ def to_groups(rows: list[dict], needs: Needs, name: str) -> list[dict]:
 
 def encode_groups(rows: list[dict], tokenizer, ds: DictConfig, split: str) -> list[list[Encoded]]:
     opts = encode_options(ds)
-    return [[encode(tokenizer, r["prompt"], c, where=f" in {split} row {i}", **opts) for c in r["completions"]]
-            for i, r in enumerate(rows)]
+    groups = [[encode(tokenizer, r["prompt"], c, where=f" in {split} row {i}", **opts) for c in r["completions"]]
+              for i, r in enumerate(rows)]
+    check_unknown([s for g in groups for s in g], tokenizer, ds, f"dataset {ds.name} ({split})")
+    return groups
 
 
 # --- the model ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ leaves a file that looks finished.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -301,7 +302,7 @@ def write_lineage(path: Path, cfg: DictConfig, inputs: dict[str, Any], extra: di
         "config_hash": config_hash(cfg),
         "code_version": code_version(),
         "inputs": inputs,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished": datetime.datetime.now().astimezone().isoformat(timespec="microseconds"),
         "host": socket.gethostname(),
         "argv": sys.argv,
         "overrides": _hydra_overrides(),
@@ -319,8 +320,29 @@ def _hydra_overrides() -> list[str]:
 
 
 def job_input(job: Job) -> dict[str, str]:
-    """How a consumer records an earlier job in its lineage."""
-    return {"path": str(job.path), "config_hash": job.lineage().get("config_hash", "")}
+    """How a consumer records an earlier job in its lineage: where it is, its config, and when it
+    finished (a rerun of it that changed its output changes this: the consumer is then stale)."""
+    lineage = job.lineage()
+    return {"path": str(job.path), "config_hash": lineage.get("config_hash", ""),
+            "finished": lineage.get("finished", "")}
+
+
+def stale_inputs(lineage: dict) -> list[str]:
+    """The recorded inputs of a complete job that changed since it ran: 'stage/job (finished A, now B)'."""
+    out = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "path" in node and "finished" in node:
+                path = Path(node["path"])
+                now = Job(path).lineage().get("finished", "missing") if (path / LINEAGE).exists() else "missing"
+                if now != node["finished"]:
+                    out.append(f"{path.parent.name}/{path.name} (finished {node['finished'] or '?'}, now {now})")
+            for value in node.values():
+                walk(value)
+
+    walk(lineage.get("inputs", {}))
+    return out
 
 
 def start_job(cfg: DictConfig, incremental: bool = False) -> Path | None:
@@ -336,10 +358,7 @@ def start_job(cfg: DictConfig, incremental: bool = False) -> Path | None:
     stage_dir = run_dir(cfg) / str(cfg.stage)
     check_inside(out, stage_dir)
     if cfg.get("overwrite"):
-        for item in out.iterdir():
-            if item.name in (".hydra", LOCK) or item.suffix == ".log":
-                continue
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+        _empty(out)
     elif (out / "config.yaml").exists():
         previous = OmegaConf.load(out / "config.yaml")
         diff = config_differences(previous, cfg)
@@ -347,12 +366,24 @@ def start_job(cfg: DictConfig, incremental: bool = False) -> Path | None:
             state = "complete" if (out / LINEAGE).exists() else "started (and can resume)"
             raise UserError(f"{out} is a {state} job with another config ({'; '.join(diff)}); rerun with its "
                             "settings, choose another job=<name>, or pass overwrite=true to redo it")
-        if (out / LINEAGE).exists() and not incremental:
+        stale = stale_inputs(json.loads((out / LINEAGE).read_text())) if (out / LINEAGE).exists() else []
+        if stale:  # what it read has changed since: redo it rather than hand on an outdated result
+            console.print(f"[yellow]{out} is stale: {'; '.join(stale)} changed since it ran; redoing it[/]")
+            _empty(out)
+        elif (out / LINEAGE).exists() and not incremental:
             console.print(f"{out} is already complete; skipping (overwrite=true redoes it)")
             return None
     remove_stale_temporaries(out)
     write_config(out, cfg)
     return out
+
+
+def _empty(out: Path) -> None:
+    """Remove a job's results (its lock and log stay)."""
+    for item in out.iterdir():
+        if item.name in (".hydra", LOCK) or item.suffix == ".log":
+            continue
+        shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
 def remove_stale_temporaries(path: Path) -> None:

@@ -74,6 +74,7 @@ RULES: tuple[Rule, ...] = (
     _at_least("train.max_steps", 1, optional=True),
     _positive("train.epochs"),
     _positive("train.lr"),
+    _positive("peft.lr_scale"),
     _at_least("train.weight_decay", 0, float),
     _at_least("train.warmup_steps", 0),
     _positive("train.max_grad_norm", optional=True),
@@ -94,6 +95,7 @@ RULES: tuple[Rule, ...] = (
     _at_least("objective.sft_weight", 0, float, optional=True),
     _at_least("objective.gamma", 0, float),
     _at_least("objective.sync_steps", 1),
+    Rule("diagnostics.edpo_test", float, 0, 1, low_open=True, high_open=True, optional=True),
     _at_least("reward.members", 1),
     _fraction("reward.sft_weight"),
     # sampling
@@ -108,6 +110,7 @@ RULES: tuple[Rule, ...] = (
     _at_least("sample.seed", 0),
     # judging and the frontier
     _at_least("judge.bootstrap", 1),
+    _at_least("judge.density.prompts", 1),
     _at_least("judge.batch_size", 1),
     _fraction("judge.label.noise"),
     Rule("judge.label.eval_fraction", float, 0, 1, high_open=True),
@@ -137,7 +140,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reward.sft_form": ("nll", "grm_logsigmoid"),
     "dataset.prompt_truncation": ("keep_end", "keep_start"),
     "dataset.on_bad_row": ("error", "skip"),
-    "judge.task": ("score", "label", "winrate"),
+    "judge.task": ("score", "label", "winrate", "density"),
     "judge.scorer": ("oracle", "reward_model", "classifier"),
     "judge.label.mode": ("best_worst", "bradley_terry", "all"),
     "judge.winrate.judge": ("scorer", "llm"),

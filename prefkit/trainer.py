@@ -203,6 +203,7 @@ class Trainer:
 
     def _train_step(self) -> dict[str, float]:
         acc, plan = self.accelerator, self.plan
+        self._before_step = (self.sampler.state_dict(), checkpoint.rng_state())  # to abandon it cleanly
         self.model.train()
         sums: dict[str, float] = defaultdict(float)
         bad = torch.zeros((), device=acc.device)
@@ -256,6 +257,19 @@ class Trainer:
         last_eval: dict[str, float] = {}
         if self.eval_fn and t.get("eval_at_start") and not resumed:
             last_eval = log.eval(0, self._evaluate())
+        try:
+            last_eval = self._loop(log, last_eval, eval_every, save_every)
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: abandon the step in progress, keep what is done
+            log.close()
+            raise self._stopped(stop) from None
+        if self.eval_fn and not last_eval:
+            last_eval = log.eval(self.step, self._evaluate())
+        log.close()
+        return {**last_eval, "skipped_steps": float(self.skipped), "steps": float(self.step),
+                "tokens": float(self.tokens)}
+
+    def _loop(self, log: _Log, last_eval: dict, eval_every: int, save_every: int) -> dict[str, float]:
+        plan = self.plan
         with log.bar:
             while self.step < plan.total_steps:
                 # one optimizer step over the accumulated micro-batches (or a skipped one)
@@ -272,11 +286,25 @@ class Trainer:
                 # a full-state checkpoint every save_every steps (the final model is written by finalize)
                 if save_every and self.step % save_every == 0 and self.step < plan.total_steps:
                     self.save_checkpoint()
-        if self.eval_fn and not last_eval:
-            last_eval = log.eval(self.step, self._evaluate())
-        log.close()
-        return {**last_eval, "skipped_steps": float(self.skipped), "steps": float(self.step),
-                "tokens": float(self.tokens)}
+        return last_eval
+
+    def _stopped(self, stop: KeyboardInterrupt) -> Exception:
+        """Checkpoint the last completed step (one process: seconds) and say how far it got."""
+        from prefkit.config import Stopped, Terminated
+
+        how, code = ("stopped by SIGTERM", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
+        done = checkpoint.listed(self.out / "checkpoints")
+        if self.step > 0 and self.plan.world_size == 1 and not (done and checkpoint.step_of(done[-1]) == self.step):
+            # back to the end of the last completed step: its data position, RNG, no partial gradients
+            sampler_state, rng = getattr(self, "_before_step", (self.sampler.state_dict(), checkpoint.rng_state()))
+            self.sampler.load_state_dict(sampler_state)
+            checkpoint.set_rng_state(rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            for obj in self.stateful.values():
+                obj.on_skipped_step()
+            self.save_checkpoint()
+        kept = f"checkpoint of step {self.step} saved" if self.step > 0 else "no step was completed"
+        return Stopped(f"{how} at step {self.step}/{self.plan.total_steps} ({kept})", code)
 
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()

@@ -61,7 +61,7 @@ def set_threads(n: int) -> None:
 
 def word_tokenizer(n_words: int):
     """A word-level tokenizer of 4 specials (<pad>=0, <unk>=1, <bos>=2, <eos>=3) and words w0..w{n-1}."""
-    from prefkit.models import build_word_tokenizer
+    from prefkit.embedded import build_word_tokenizer
 
     return build_word_tokenizer([f"w{i}" for i in range(n_words)])
 
@@ -70,7 +70,7 @@ def model_dir(size: str, cache: Path = DEFAULT_CACHE, arch: dict | None = None) 
     """The saved model (and tokenizer) of a size, created once."""
     arch = dict(arch or SIZES[size])
     if size == "tiny" and arch == TINY_ARCH:
-        from prefkit.models import embedded_dir
+        from prefkit.embedded import embedded_dir
 
         return embedded_dir("tiny", {k: v for k, v in arch.items()}, cache)
     key = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]

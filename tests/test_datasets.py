@@ -23,8 +23,9 @@ from prefkit import synthetic
 from prefkit.data import encode, encode_options
 from prefkit.datasets import ADAPTERS, load_rows, reader
 from prefkit.datasets.hh import HH
+from prefkit.embedded import build_word_tokenizer, embedded_dir
 from prefkit.errors import UserError
-from prefkit.models import build_word_tokenizer, embedded_dir, load_tokenizer
+from prefkit.models import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures"

@@ -26,7 +26,7 @@ def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipeline")
     r = f"run.name={RUN}"
     prefkit("sft", r, *TINY_SFT, cwd=root)
-    prefkit("sample", r, "job=pool", "sample.policies=[sft]", "sample.split=train", "sample.n=2", *TINY, *SAMPLING,
+    prefkit("sample", r, "job=pool", "sample.policies=[sft]", "sample.split=train", "sample.n=4", *TINY, *SAMPLING,
             cwd=root)
     prefkit("judge", r, "job=label", "judge.task=label", "judge.samples=pool", "judge.label.eval_fraction=0.25",
             *TINY, cwd=root)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, TINY_ALIGN, TINY_SFT, prefkit
-from test_trainer import _cfg, _setup, _weights
+from test_trainer import Killed, _cfg, _setup, _weights
 
 from prefkit import checkpoint
 from prefkit.errors import UserError
@@ -163,7 +163,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
     straight = _setup(tmp_path / "a", _cfg())
     straight.fit()
     crashed = _setup(tmp_path / "b", _cfg(), fail_at=15)  # killed in step 8: checkpoints 3 and 6 exist
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         crashed.fit()
     weights = tmp_path / "b/job/checkpoints/step-6/weights.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a full disk
@@ -196,7 +196,7 @@ def test_a_cut_samples_file_is_reported_then_sampled_again(sft_run):
 
 def test_metrics_after_a_resume_have_each_step_once(tmp_path):
     crashed = _setup(tmp_path, _cfg(), fail_at=17)  # killed in step 9: checkpoints 3 and 6, rows up to step 8
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         crashed.fit()
     logged = [json.loads(ln)["step"] for ln in (tmp_path / "job/metrics.jsonl").read_text().splitlines()]
     assert max(logged) == 8  # a row after the step-6 checkpoint, which the resumed run logs again

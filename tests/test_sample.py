@@ -13,7 +13,7 @@ import pytest
 from conftest import TEST_CONF, TINY, prefkit
 from omegaconf import OmegaConf
 
-from prefkit.models import build_word_tokenizer
+from prefkit.embedded import build_word_tokenizer
 from prefkit.stages.sample import generation_config
 from prefkit.synthetic import lexicon
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from prefkit import synthetic
 from prefkit.data import IGNORE, collate, encode
-from prefkit.models import embedded_dir, load_causal_lm, load_tokenizer
+from prefkit.embedded import embedded_dir
+from prefkit.models import load_causal_lm, load_tokenizer
 from prefkit.modules import StatsLM, final_hidden, sequence_stats
 from prefkit.objectives import Groups, build
 from prefkit.tokenstats import Head, Reference, TokenRequest, sum_by_sequence, token_stats

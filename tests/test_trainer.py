@@ -8,9 +8,10 @@ from omegaconf import OmegaConf
 
 from prefkit import synthetic
 from prefkit.data import collate, encode
+from prefkit.embedded import embedded_dir
 from prefkit.engine import make_accelerator
 from prefkit.errors import UserError
-from prefkit.models import embedded_dir, load_causal_lm, load_tokenizer
+from prefkit.models import load_causal_lm, load_tokenizer
 from prefkit.modules import StatsLM
 from prefkit.trainer import Trainer, _schedule
 
@@ -27,7 +28,11 @@ def _cfg(**train):
                   "eval_every": 0, "save_every": 3, "keep_checkpoints": 2, "max_bad_steps": 3, **train}})
 
 
-def _setup(tmp_path: Path, cfg, fail_at=None, poison=None):
+class Killed(BaseException):
+    """A kill nothing can catch (SIGKILL, a lost node): raised inside a step to simulate one."""
+
+
+def _setup(tmp_path: Path, cfg, fail_at=None, poison=None, interrupt_at=None):
     path = embedded_dir("tiny", ARCH, tmp_path / "cache")
     tok = load_tokenizer(str(path))
     torch.manual_seed(0)
@@ -39,7 +44,9 @@ def _setup(tmp_path: Path, cfg, fail_at=None, poison=None):
     def loss_fn(model, indices, training):
         calls["n"] += 1
         if fail_at is not None and calls["n"] == fail_at:
-            raise KeyboardInterrupt  # a kill in the middle of a step
+            raise Killed  # a kill in the middle of a step
+        if interrupt_at is not None and calls["n"] == interrupt_at:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a step
         batch = collate([seqs[i] for i in indices], tok.pad_token_id)
         stats, _ = model(**batch)
         loss = -stats.logps.sum() / stats.lengths.sum()
@@ -60,7 +67,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     straight.fit()
     # 2 micro-batches per step: the 15th loss call is inside step 8, after the step-6 checkpoint
     crashed = _setup(tmp_path / "b", _cfg(), fail_at=15)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         crashed.fit()
     assert crashed.step == 7 and (tmp_path / "b/job/checkpoints/step-6").is_dir()
     assert (tmp_path / "b/job/checkpoints/step-3").is_dir()  # keep_checkpoints=2 keeps steps 3 and 6
@@ -73,9 +80,24 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     assert any('"step": 10' in ln for ln in lines)
 
 
+def test_ctrl_c_checkpoints_the_last_step_and_the_resume_is_exact(tmp_path):
+    from prefkit.config import Stopped
+
+    straight = _setup(tmp_path / "a", _cfg(save_every=0))
+    straight.fit()
+    stopped = _setup(tmp_path / "b", _cfg(save_every=0), interrupt_at=15)  # inside step 8, no checkpoint yet
+    with pytest.raises(Stopped, match=r"interrupted at step 7/10 \(checkpoint of step 7 saved\)") as err:
+        stopped.fit()
+    assert err.value.exit_code == 130 and (tmp_path / "b/job/checkpoints/step-7").is_dir()
+    resumed = _setup(tmp_path / "b", _cfg(save_every=0))
+    resumed.fit()
+    a, b = _weights(straight), _weights(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6  # the abandoned step is redone as it was
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     crashed = _setup(tmp_path, _cfg(), fail_at=9)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         crashed.fit()
     with pytest.raises(UserError, match="different config"):
         _setup(tmp_path, _cfg(lr=1e-2)).fit()

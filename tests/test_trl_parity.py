@@ -19,7 +19,8 @@ from conftest import FakeAccelerator
 
 from prefkit import synthetic
 from prefkit.data import IGNORE
-from prefkit.models import embedded_dir, load_causal_lm, load_tokenizer
+from prefkit.embedded import embedded_dir
+from prefkit.models import load_causal_lm, load_tokenizer
 from prefkit.modules import StatsLM, reference_hidden
 from prefkit.objectives import Groups, build, sft_nll, trl_metrics
 from prefkit.tokenstats import TokenRequest

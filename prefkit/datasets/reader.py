@@ -35,7 +35,7 @@ SOURCE_KEYS = ("path", "config_name", "data_dir", "data_files", "revision", "spl
 COMMON_KEYS = frozenset({
     "name", "on_bad_row", "max_length", "max_prompt_length", "prompt_truncation", "min_response_tokens",
     "add_eos", "prompt_special_tokens", *SOURCE_KEYS, "max_rows", "seed", "eval_fraction", "unique_prompts",
-    "cache_dir"})
+    "cache_dir", "max_unk_share"})
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zstd")
 
@@ -211,7 +211,12 @@ def _open(src: Mapping, split: str, ds: Mapping, where: str):
     carve to keep (None when the split exists as such)."""
     import datasets
 
-    splits = plain(src.get("splits")) or {}
+    splits = dict(plain(src.get("splits")) or {})
+    data_files = plain(src.get("data_files"))
+    if data_files and not isinstance(data_files, Mapping):
+        data_files = {"train": data_files}
+    if splits.get("eval") is None and data_files and "eval" in data_files:
+        splits["eval"] = "eval"  # an eval file given beside the train file is used, not carved
     hub_split, carve = splits.get(split), None
     if hub_split is None:
         if split == "train" or splits.get("train") is None:
@@ -220,14 +225,13 @@ def _open(src: Mapping, split: str, ds: Mapping, where: str):
     elif split == "train" and splits.get("eval") is None:
         carve = "train"
     hub_split = str(hub_split)
-    data_files = plain(src.get("data_files"))
     kwargs: dict[str, Any] = {"split": hub_split, "cache_dir": ds.get("cache_dir")}
     if data_files:
-        if not isinstance(data_files, Mapping):
-            data_files = {"train": data_files}
         if hub_split not in data_files:
+            how = (f"add it (dataset.data_files={{{', '.join(data_files)}, {hub_split}: <file>}}) or carve {split} "
+                   "from the train split (dataset.splits.eval=null; dataset.eval_fraction sets its share)")
             raise UserError(f"{where}: data_files has no '{hub_split}' entry (the source split for {split}); "
-                            f"it has: {', '.join(map(str, data_files))}")
+                            f"it has: {', '.join(map(str, data_files))}; {how}")
         files = data_files[hub_split]
         path = _builder(files, where)
         if path == "json":

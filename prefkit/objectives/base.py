@@ -144,13 +144,20 @@ COMMON_OPTIONS = ("name", "sft_weight", "import")
 def build(cfg: dict[str, Any]) -> tuple[Objective, float]:
     """Instantiate the objective a config selects; returns it and its SFT weight."""
     import importlib
+    import sys
 
     import prefkit.objectives  # noqa: F401  (registers the built-in objectives)
+    from prefkit.config import importable_dirs
 
     cfg = dict(cfg)
     for module in (cfg.get("import") or []) if isinstance(cfg.get("import"), list) else \
             ([cfg["import"]] if cfg.get("import") else []):
-        importlib.import_module(module)
+        sys.path[:0] = [d for d in importable_dirs() if d not in sys.path]
+        try:
+            importlib.import_module(module)
+        except Exception as err:
+            raise UserError(f"objective {cfg['name']}: importing {module} failed ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
     name = str(cfg["name"])
     if name not in REGISTRY:
         raise UserError(f"unknown objective '{name}'; registered: {', '.join(sorted(REGISTRY))}")

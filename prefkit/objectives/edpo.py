@@ -27,6 +27,17 @@ from prefkit.objectives.base import Groups, LossOutput, Needs, Objective, logsig
 from prefkit.tokenstats import TokenRequest
 
 
+def perturbation_steps(g: Groups, eps: float) -> torch.Tensor:
+    """s ∈ {+1, 0, −1} per pair (strict inequalities; ties keep β): +1 when the preference logit
+    decreases with β (Eq. 1, β⁻ fits better), −1 when it increases (Eq. 2, β⁺)."""
+    cur = g.mixture_logps[1.0] if 1.0 in g.mixture_logps else g.logps.detach()
+    lo, hi = g.mixture_logps[1.0 + eps], g.mixture_logps[1.0 - eps]
+    z, z_lo, z_hi = cur[:, 0] - cur[:, 1], lo[:, 0] - lo[:, 1], hi[:, 0] - hi[:, 1]
+    decreasing = (z_lo > z) & (z > z_hi)  # Eq. 1: lowering β separates the pair better
+    increasing = (z_hi > z) & (z > z_lo)  # Eq. 2
+    return decreasing.long() - increasing.long()
+
+
 @register("edpo")
 class EpsilonDPO(Objective):
     def __init__(self, beta: float = 0.01, epsilon: float = 0.01, update_rule: str = "official",
@@ -46,14 +57,7 @@ class EpsilonDPO(Objective):
         self._sum_steps = self._sum_inverse = self._count = 0.0
 
     def steps(self, g: Groups) -> torch.Tensor:
-        """s ∈ {+1, 0, −1} per pair (strict inequalities; ties keep β)."""
-        eps = self.epsilon
-        cur = g.mixture_logps[1.0] if 1.0 in g.mixture_logps else g.logps.detach()
-        lo, hi = g.mixture_logps[1.0 + eps], g.mixture_logps[1.0 - eps]
-        z, z_lo, z_hi = cur[:, 0] - cur[:, 1], lo[:, 0] - lo[:, 1], hi[:, 0] - hi[:, 1]
-        decreasing = (z_lo > z) & (z > z_hi)  # Eq. 1: lowering β separates the pair better
-        increasing = (z_hi > z) & (z > z_lo)  # Eq. 2
-        return decreasing.long() - increasing.long()
+        return perturbation_steps(g, self.epsilon)
 
     def loss(self, g: Groups) -> LossOutput:
         s = self.steps(g)

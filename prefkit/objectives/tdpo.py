@@ -18,16 +18,21 @@ from prefkit.tokenstats import TokenRequest
 TOKEN_KL = Needs(reference="logits", group_size=2, tokens=TokenRequest(kl=True, reverse_kl=True))
 
 
-def _metrics(g: Groups, beta: float) -> dict:
+def seq_kl_metrics(g: Groups) -> dict:
+    """SeqKL of the chosen and rejected responses (kl/margin: chosen − rejected), both directions."""
     kl_w, kl_l = g.kl[:, 0].detach(), g.kl[:, 1].detach()
-    metrics = {"kl/chosen": kl_w.mean(), "kl/rejected": kl_l.mean(), "kl/margin": (kl_w - kl_l).mean(),
-               # the official code's "rewards": β (h + SeqKL), the advantage sum of Eq. 59
-               "tdpo/rewards_chosen": (beta * (g.logratios[:, 0] + g.kl[:, 0])).detach().mean(),
-               "tdpo/rewards_rejected": (beta * (g.logratios[:, 1] + g.kl[:, 1])).detach().mean()}
+    metrics = {"kl/chosen": kl_w.mean(), "kl/rejected": kl_l.mean(), "kl/margin": (kl_w - kl_l).mean()}
     if g.reverse_kl is not None:  # the direction Fig. 3 plots
         metrics.update({"kl_reverse/chosen": g.reverse_kl[:, 0].mean(),
                         "kl_reverse/rejected": g.reverse_kl[:, 1].mean()})
     return metrics
+
+
+def _metrics(g: Groups, beta: float) -> dict:
+    return {**seq_kl_metrics(g),
+            # the official code's "rewards": β (h + SeqKL), the advantage sum of Eq. 59
+            "tdpo/rewards_chosen": (beta * (g.logratios[:, 0] + g.kl[:, 0])).detach().mean(),
+            "tdpo/rewards_rejected": (beta * (g.logratios[:, 1] + g.kl[:, 1])).detach().mean()}
 
 
 @objective("tdpo1", needs=TOKEN_KL)

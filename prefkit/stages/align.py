@@ -18,14 +18,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from prefkit import recipe, reference
+from prefkit import datasource, diagnostics, recipe, reference
 from prefkit.console import console
 from prefkit.data import Encoded, collate
 from prefkit.datasets import load_rows
 from prefkit.engine import is_sharded, make_accelerator
 from prefkit.errors import UserError
 from prefkit.models import load_tokenizer
-from prefkit.objectives import Groups, Objective, build, sft_nll, trl_metrics
+from prefkit.objectives import Groups, Needs, Objective, build, sft_nll, trl_metrics
 from prefkit.rewardmodel import save_reward_head
 from prefkit.rundir import job_dir, job_input, require_job, run_dir, start_job, write_json, write_lineage
 from prefkit.tokenstats import chunk_setting
@@ -33,14 +33,16 @@ from prefkit.tokenstats import chunk_setting
 
 def run(cfg: DictConfig) -> float | None:
     """Returns the held-out loss (the value Hydra's Optuna sweeper minimises)."""
+    run_path = run_dir(cfg)
+    datasource.inherit(cfg, recipe.consumed_sft(cfg, run_path))  # the SFT model's data, unless told otherwise
     out = start_job(cfg)
     if out is None:
         summary = job_dir() / "summary.json"
         return json.loads(summary.read_text()).get("eval_loss") if summary.exists() else None
     torch.manual_seed(int(cfg.seed))
-    run_path = run_dir(cfg)
     objective, sft_weight = build(OmegaConf.to_container(cfg.objective, resolve=True))
-    needs = objective.needs
+    needs = diagnostics.widen(objective.needs, cfg.get("diagnostics"))  # the objective's, and the analyses'
+
     init_path, inputs = recipe.policy_init(cfg, run_path)
     tokenizer = load_tokenizer(init_path, trust_remote_code=bool(cfg.model.trust_remote_code))
 
@@ -67,7 +69,7 @@ def run(cfg: DictConfig) -> float | None:
     recompute = needs.tokens.needs_reference_logits if cfg.hardware.get("recompute_lm_head", "auto") == "auto" \
         else bool(cfg.hardware.recompute_lm_head)
     step = AlignStep(objective, groups, tokenizer.pad_token_id, accelerator.device, chunk,
-                     recompute and not is_sharded(accelerator), ref, rewards, sft_weight)
+                     recompute and not is_sharded(accelerator), ref, rewards, sft_weight, needs, cfg.get("diagnostics"))
     final = recipe.train(
         cfg, out, policy, accelerator, len(groups["train"]), lambda m, idx, training: step(m, "train", idx, training),
         recipe.evaluator(lambda m, idx: step(m, "eval", idx, False), len(groups["eval"]),
@@ -94,10 +96,12 @@ class AlignStep:
     reference: reference.ReferenceStrategy = field(default_factory=reference.NoReference)
     rewards: dict[str, Tensor | None] = field(default_factory=dict)
     sft_weight: float = 0.0
+    needs: Needs | None = None  # what to compute: the objective's needs, widened by the diagnostics
+    diagnostics: DictConfig | None = None
 
     def __call__(self, model: nn.Module, split: str, indices: list[int], training: bool
                  ) -> tuple[Tensor, dict[str, Any]]:
-        needs = self.objective.needs
+        needs = self.needs or self.objective.needs
         seqs = [seq for i in indices for seq in self.groups[split][i]]
         batch = {k: v.to(self.device) for k, v in collate(seqs, self.pad).items()}
         b, k = len(indices), len(self.groups[split][indices[0]])
@@ -118,13 +122,20 @@ class AlignStep:
                    reward_pred=view(reward_pred))
         result = self.objective.loss(g)
         loss = result.loss
-        metrics: dict[str, Any] = {**trl_metrics(g, result), **result.metrics}
+        metrics: dict[str, Any] = {**trl_metrics(g, result), **result.metrics,
+                                   **diagnostics.metrics(g, self.diagnostics, _beta(self.objective))}
         if self.sft_weight:
             nll = sft_nll(g)
             loss = loss + self.sft_weight * nll
             metrics["sft/nll"] = nll.detach()
         metrics["num_tokens"] = int(batch["attention_mask"].sum())
         return loss, metrics
+
+
+def _beta(objective: Objective) -> float | None:
+    """The objective's β (a class attribute, or a function objective's option), if it has one."""
+    beta = getattr(objective, "beta", None)
+    return beta if beta is not None else getattr(objective, "hparams", {}).get("beta")
 
 
 def _summarise(out: Path, final: dict, objective: Objective, groups: dict) -> None:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig
+from rich.markup import escape
 from rich.table import Table
 
 from prefkit import claims, comparison, experiment
@@ -52,8 +53,8 @@ def run(cfg: DictConfig) -> None:
 
 
 def _run_step(step: experiment.Step, cfg: DictConfig, i: int, n: int) -> float:
-    command = [sys.executable, "-m", "prefkit.cli", *step.command(str(cfg.run.name), str(cfg.run.root))]
-    console.print(f"[bold]== {i}/{n}[/] {step} run.name={cfg.run.name}")
+    command = step.command(sys.executable, str(cfg.run.name), str(cfg.run.root))
+    console.print(f"[bold]== {i}/{n}[/] {escape(str(step))} run.name={cfg.run.name}")
     t0 = time.perf_counter()
     proc = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
@@ -81,6 +82,7 @@ def print_claims(results: list[claims.Result]) -> None:
     colour = {"holds": "green", "does not hold": "red", "inconclusive": "yellow"}
     for r in results:
         ci = "–" if r.estimate != r.estimate else f"{r.estimate:+.3f} [{r.low:+.3f}, {r.high:+.3f}]"
-        table.add_row(r.description, r.source, f"{r.statistic}: {r.detail}", ci, f"{r.direction} 0",
+        table.add_row(escape(r.description), escape(r.source), escape(f"{r.statistic}: {r.detail}"), ci,
+                      f"{r.direction} 0",
                       f"[{colour[r.verdict]}]{r.verdict}[/]")
     console.print(table)

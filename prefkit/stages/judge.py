@@ -10,6 +10,8 @@ judge.task=
 - winrate: candidates' samples against a baseline (the SFT model, another policy, or the
            dataset's reference responses) with the scorer, or an LLM judge asked in both orders;
            ties count ½; bootstrap CI over prompts. -> winrates.json
+- density: every aligned policy's log-probability of the reference's samples for a few prompts,
+           with their rewards (EXO's density-ratio figure). -> density/<policy>.jsonl
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from prefkit import estimators
+from prefkit import datasource, estimators
 from prefkit.console import console
 from prefkit.errors import UserError
 from prefkit.rundir import (
@@ -61,14 +63,15 @@ def policy_samples(job: Job) -> dict[str, list[dict]]:
 
 
 def run(cfg: DictConfig) -> None:
+    run_path = run_dir(cfg)
+    samples_job = sample_job(cfg, run_path)
+    datasource.inherit(cfg, samples_job)  # the samples' data, unless told otherwise
     out = start_job(cfg)
     if out is None:
         return
     task = str(cfg.judge.task)
     if task not in TASKS:
         raise UserError(f"unknown judge.task '{task}'; valid: {', '.join(TASKS)}")
-    run_path = run_dir(cfg)
-    samples_job = sample_job(cfg, run_path)
     inputs = {"samples": job_input(samples_job)}
     TASKS[task](cfg, out, run_path, samples_job, inputs)
     write_lineage(out, cfg, inputs)
@@ -347,4 +350,48 @@ def make_judge(cfg: DictConfig, run_path: Path, inputs: dict) -> ScorerJudge | L
     raise UserError(f"unknown judge.winrate.judge '{kind}'; valid: scorer, llm")
 
 
-TASKS = {"score": score, "label": label, "winrate": winrate}
+# --- density ------------------------------------------------------------------------------------
+
+def density(cfg: DictConfig, out: Path, run_path: Path, samples_job: Job, inputs: dict) -> None:
+    """For a few prompts, every aligned policy's log-probability of the reference's own samples, with
+    their rewards: the data of EXO's density-ratio figure (Ji et al. 2024, Fig. 3), where π/π_ref is
+    compared with the optimal ratio exp(r/β)/Z along the reference's samples."""
+    import torch
+
+    from prefkit.data import Encoded, collate, encode_prompts
+    from prefkit.models import freeze, load_causal_lm, load_tokenizer
+    from prefkit.modules import sequence_stats
+
+    d = cfg.judge.density
+    index = policy_index(samples_job)
+    ref_key = next((k for k, e in index.items() if e.get("objective") == "sft-reference"), None)
+    if ref_key is None:
+        raise UserError(f"{samples_job} has no samples of the SFT model (the reference); sample it too")
+    ref_rows = samples_of(samples_job, index[ref_key])
+    prompts = sorted({r["prompt_id"] for r in ref_rows})[: int(d.prompts)]
+    rows = [r for r in ref_rows if r["prompt_id"] in set(prompts)]
+    fn, scorer_name = make_scorer(cfg, run_path, inputs)
+    rewards = fn([(r["prompt"], r["completion"]) for r in rows])
+    tok = load_tokenizer(index[ref_key]["path"])
+    by_id = {r["prompt_id"]: {"prompt": r["prompt"]} for r in rows}
+    encoded = dict(encode_prompts(tok, [by_id[p] for p in prompts], samples_job.config().dataset))
+    seqs = [Encoded(tuple(encoded[prompts.index(r["prompt_id"])]) + tuple(r["completion_ids"]),
+                    len(encoded[prompts.index(r["prompt_id"])])) for r in rows]
+    policies = [k for k, e in index.items() if e.get("stage") == "align"]
+    for key in policies:
+        model = freeze(load_causal_lm(index[key]["path"]))
+        logps: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(seqs), 64):
+                batch = collate(seqs[start:start + 64], tok.pad_token_id)
+                logps += sequence_stats(model, **batch, recompute=False).logps.tolist()
+        write_jsonl(out / "density" / f"{_file_key(key)}.jsonl",
+                    [{"prompt_id": r["prompt_id"], "sample": r["sample"], "logp_ref": r["logp_ref"], "logp_policy": lp,
+                      "reward": rw} for r, lp, rw in zip(rows, logps, rewards, strict=True)])
+    write_json(out / "summary.json", {"task": "density", "scorer": scorer_name, "reference": ref_key,
+                                      "prompts": prompts, "samples_per_prompt": len(rows) // max(1, len(prompts)),
+                                      "aligned": policies})
+    console.print(f"density: {len(policies)} policies on {len(rows)} reference samples of {len(prompts)} prompts")
+
+
+TASKS = {"score": score, "label": label, "winrate": winrate, "density": density}

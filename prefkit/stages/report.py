@@ -138,7 +138,9 @@ def _curves(run: Path, points: list[dict], colour: dict, out: Path) -> list[dict
 
 
 def _claims(run: Path) -> list[dict]:
-    done = [j for j in jobs(run, "experiment") if (j.path / "claims.json").exists()]
+    # The experiment job is still running when its report step runs; claims.json is written
+    # atomically, so its presence means the claims are complete.
+    done = [j for j in jobs(run, "experiment", done_only=False) if (j.path / "claims.json").exists()]
     if not done:
         return []
     claims = json.loads((max(done, key=lambda j: (j.path / "claims.json").stat().st_mtime).path / "claims.json")

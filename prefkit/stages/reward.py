@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from prefkit import recipe
+from prefkit import datasource, recipe
 from prefkit.console import console
 from prefkit.data import collate, encode_options
 from prefkit.datasets import load_rows
@@ -33,10 +33,11 @@ from prefkit.tokenstats import chunk_setting
 
 
 def run(cfg: DictConfig) -> None:
+    run_path = run_dir(cfg)
+    datasource.inherit(cfg, recipe.consumed_sft(cfg, run_path))  # the SFT model's data, unless told otherwise
     out = start_job(cfg)
     if out is None:
         return
-    run_path = run_dir(cfg)
     init_path, inputs = recipe.policy_init(cfg, run_path)
     tokenizer = load_tokenizer(init_path, trust_remote_code=bool(cfg.model.trust_remote_code))
     pairs = Needs(reference="none", group_size=2)

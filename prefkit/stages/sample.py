@@ -20,8 +20,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from prefkit import datasource
 from prefkit.console import console, progress
-from prefkit.data import Encoded, collate, collate_left, encode
+from prefkit.data import Encoded, check_unknown, collate, collate_left, encode_prompts
 from prefkit.datasets import load_rows
 from prefkit.errors import UserError
 from prefkit.models import freeze, load_causal_lm, load_tokenizer
@@ -61,10 +62,13 @@ def policy_dir(out: Path, policy: Policy) -> Path:
 
 def run(cfg: DictConfig) -> None:
     s = cfg.sample
-    out = start_job(cfg, incremental=True)  # a complete job still takes policies added since
     run_path = run_dir(cfg)
     policies = select(run_path, OmegaConf.to_container(s.policies) if OmegaConf.is_list(s.policies) else
                       str(s.policies), bool(s.checkpoints), s.get("reference"))
+    # the prompts of the data the policies learnt from (the SFT model's), unless told otherwise
+    datasource.inherit(cfg, next((p.job for p in policies if p.job is not None and p.job.stage == "sft"),
+                                 next((p.job for p in policies if p.job is not None), None)))
+    out = start_job(cfg, incremental=True)  # a complete job still takes policies added since
     # prompts are read with the first policy's tokenizer (token-length prefixes, chat templates)
     prompts = load_rows(cfg.dataset, "prompts", str(s.split), run_path, load_tokenizer(policies[0].path))
     if s.get("max_prompts"):
@@ -74,6 +78,9 @@ def run(cfg: DictConfig) -> None:
     if cfg.hardware.get("num_threads"):
         torch.set_num_threads(int(cfg.hardware.num_threads))
     todo = [p for p in policies if not samples_complete(policy_dir(out, p))]
+    if not todo and (out / "lineage.json").exists():
+        console.print(f"{out} is already complete; skipping (its {len(policies)} policies are sampled)")
+        return
     console.print(f"[bold]sample[/] {out}: {len(prompts)} prompts, {len(todo)} of {len(policies)} policies to do")
     for policy in todo:
         sample_policy(cfg, policy, prompts, policy_dir(out, policy), device)
@@ -108,7 +115,8 @@ def sample_policy(cfg: DictConfig, policy: Policy, prompts: list[dict], folder: 
     reference = model if policy.is_reference else freeze(load_causal_lm(policy.reference, dtype)).to(device)
     gen = generation_config(s, tokenizer)
     vocab = model.get_output_embeddings().out_features
-    encoded = prompt_ids(tokenizer, prompts, cfg.dataset)
+    encoded = encode_prompts(tokenizer, prompts, cfg.dataset)
+    check_unknown([Encoded(ids, len(ids)) for _, ids in encoded], tokenizer, cfg.dataset, f"prompts for {policy.key}")
     order = sorted(encoded, key=lambda x: -len(x[1]))  # length-sorted batches: little padding
     writer = SampleWriter(folder, n)
     batch_size = int(s.batch_size)
@@ -137,18 +145,6 @@ def sample_policy(cfg: DictConfig, policy: Policy, prompts: list[dict], folder: 
         time.perf_counter() - t0, 1e-9), "truncated_sampling": int(s.top_k) > 0 or float(s.top_p) < 1.0}
     writer.finish(meta)
     console.print(f"  {policy.key}: {len(prompts)} prompts × {n} samples ({meta['tokens_per_s']:,.0f} tok/s)")
-
-
-def prompt_ids(tokenizer, prompts: list[dict], ds: DictConfig) -> list[tuple[int, tuple[int, ...]]]:
-    """(prompt index, token ids) of every prompt, exactly as training saw them (same truncation rule)."""
-    budget = min(int(ds.max_prompt_length), int(ds.max_length) - 1)
-    encoded = []
-    for i, row in enumerate(prompts):
-        e = encode(tokenizer, row["prompt"], "x", max_length=budget + 1, max_prompt_length=budget,
-                   prompt_truncation=str(ds.get("prompt_truncation", "keep_end")),
-                   prompt_special_tokens=bool(ds.get("prompt_special_tokens", True)), add_eos=False)
-        encoded.append((i, e.ids[:e.prompt_len]))
-    return encoded
 
 
 def generate_batch(model, tokenizer, batch: list[tuple[int, tuple[int, ...]]], gen: GenerationConfig, n: int,

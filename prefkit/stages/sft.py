@@ -15,7 +15,7 @@ from torch import nn
 
 from prefkit import recipe
 from prefkit.console import console
-from prefkit.data import IGNORE, Encoded, collate, encode, encode_options
+from prefkit.data import IGNORE, Encoded, check_unknown, collate, encode, encode_options
 from prefkit.datasets import load_rows
 from prefkit.engine import make_accelerator
 from prefkit.models import load_tokenizer, resolve_model_path
@@ -79,8 +79,10 @@ class TokenNLL:
 
 def encode_rows(rows: list[dict], tokenizer, ds: DictConfig, split: str) -> list[Encoded]:
     opts = encode_options(ds)
-    return [encode(tokenizer, r["prompt"], r["completion"], where=f" in {split} row {i}", **opts)
+    seqs = [encode(tokenizer, r["prompt"], r["completion"], where=f" in {split} row {i}", **opts)
             for i, r in enumerate(rows)]
+    check_unknown(seqs, tokenizer, ds, f"dataset {ds.name} ({split})")
+    return seqs
 
 
 def unigram_perplexity(train: list[Encoded], held_out: list[Encoded], vocab_size: int) -> float:
