@@ -32,7 +32,7 @@ STAGES = {
 }
 
 
-def _load_stage(module: str):
+def load_stage(module: str):
     """The stage's `run`, imported (with torch and transformers) only when it is about to run."""
     from prefkit.console import quiet_libraries
 
@@ -46,7 +46,7 @@ def _make_command(stage: str, module: str, help_text: str) -> None:
     def command(ctx: typer.Context) -> None:
         from prefkit.config import run_stage
 
-        run_stage(stage, list(ctx.args), lambda: _load_stage(module), help_text)
+        run_stage(stage, list(ctx.args), lambda: load_stage(module), help_text)
 
 
 for _stage, (_module, _help) in STAGES.items():

@@ -19,6 +19,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -358,14 +359,68 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-def run_stage(stage: str, args: list[str], load_task: Callable[[], Callable[[DictConfig], float | None]],
-              summary: str = "") -> None:
-    """Validate, then hand `args` to a hydra.main entry point for conf/<stage>.yaml. The stage's
-    code (and torch) is imported only once the command is known to be valid: a bad override
-    answers in a second. `--help` describes the stage's keys; `--dry-run` validates and says what
-    the command would write and read, writing nothing."""
+class _Abort(BaseException):
+    """Carries a job's UserError or Stopped out through Hydra, which reports (and exits on) any
+    Exception it sees."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def execute(stage: str, args: list[str], load_task: Callable[[], Callable[[DictConfig], Any]]) -> list[Path]:
+    """Validate `args`, then run them through a hydra.main entry point for conf/<stage>.yaml, as
+    the CLI and the Python API both do. Returns the job directories it ran (one per job of a
+    sweep); raises UserError (nothing run, or the job discarded if it wrote nothing) or Stopped."""
     import hydra
 
+    register_resolvers()
+    flags, overrides = split_args(args)
+    if ("--cfg" in flags or "-c" in flags) and "--resolve" not in flags:
+        flags.append("--resolve")  # show values, not ${interpolations}
+    if not any(f in _HYDRA_INFO_FLAGS for f in flags):
+        validate(stage, overrides)
+    task = load_task()
+    search = user_search_path()
+    extra = [f"hydra.searchpath=[{','.join(search)}]"] if search else []
+    ran: list[Path] = []
+
+    @hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")
+    def _entry(cfg: DictConfig) -> None:
+        from prefkit.console import mirrored_to
+        from prefkit.rundir import JobBusy, discard_if_unstarted, job_dir, job_lock
+
+        out = job_dir()
+        try:
+            with job_lock(out), mirrored_to(out / f"{stage}.log"), stopped_by_signals():
+                task(cfg)
+        except JobBusy as err:  # the holder's job: touch nothing
+            raise _Abort(err) from None
+        except UserError as err:
+            discard_if_unstarted(out)
+            raise _Abort(err) from None
+        except Stopped as stop:
+            raise _Abort(stop) from None
+        ran.append(out)
+
+    argv = sys.argv
+    sys.argv = [f"prefkit {stage}", *flags, *extra, *overrides]
+    try:
+        _entry()
+    except _Abort as abort:
+        raise abort.error from None
+    finally:
+        sys.argv = argv
+    return ran
+
+
+def run_stage(stage: str, args: list[str], load_task: Callable[[], Callable[[DictConfig], Any]],
+              summary: str = "") -> None:
+    """The CLI: `--help` describes the stage's keys; `--dry-run` validates and says what the command
+    would write and read, writing nothing; otherwise `execute`, with every error as one line and an
+    exit status (2: bad input; 130/143: stopped, with the command that resumes). The stage's code
+    (and torch) is imported only once the command is known to be valid: a bad override answers in
+    a second."""
     from prefkit.console import print_error
 
     register_resolvers()
@@ -375,42 +430,15 @@ def run_stage(stage: str, args: list[str], load_task: Callable[[], Callable[[Dic
 
         print(stage_help(stage, summary))
         return
-    if ("--cfg" in flags or "-c" in flags) and "--resolve" not in flags:
-        flags.append("--resolve")  # show values, not ${interpolations}
-    dry = "--dry-run" in flags
-    flags = [f for f in flags if f != "--dry-run"]
-    if not any(f in _HYDRA_INFO_FLAGS for f in flags):
-        try:
+    try:
+        if "--dry-run" in flags:
             validate(stage, overrides)
-            if dry:
-                print(_dry_run(stage, overrides))
-                return
-        except UserError as err:
-            print_error(stage, str(err))
-            raise SystemExit(2) from None
-    task = load_task()
-    search = user_search_path()
-    extra = [f"hydra.searchpath=[{','.join(search)}]"] if search else []
-
-    @hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")
-    def _entry(cfg: DictConfig) -> float | None:
-        from prefkit.console import mirrored_to
-        from prefkit.rundir import JobBusy, discard_if_unstarted, job_dir, job_lock
-
-        out = job_dir()
-        try:
-            with job_lock(out), mirrored_to(out / f"{stage}.log"), stopped_by_signals():
-                return task(cfg)
-        except JobBusy as err:  # the holder's job: touch nothing
-            print_error(stage, str(err))
-            raise SystemExit(2) from None
-        except UserError as err:
-            print_error(stage, str(err))
-            discard_if_unstarted(out)
-            raise SystemExit(2) from None
-        except Stopped as stop:  # Ctrl-C or SIGTERM: say where it stopped and how to go on
-            print_error(stage, f"{stop}; rerun the same command to resume: {resume_command(stage, args)}")
-            raise SystemExit(stop.exit_code) from None
-
-    sys.argv = [f"prefkit {stage}", *flags, *extra, *overrides]
-    _entry()
+            print(_dry_run(stage, overrides))
+            return
+        execute(stage, args, load_task)
+    except UserError as err:
+        print_error(stage, str(err))
+        raise SystemExit(2) from None
+    except Stopped as stop:  # Ctrl-C or SIGTERM: say where it stopped and how to go on
+        print_error(stage, f"{stop}; rerun the same command to resume: {resume_command(stage, args)}")
+        raise SystemExit(stop.exit_code) from None

@@ -23,7 +23,12 @@ from omegaconf import DictConfig
 
 from prefkit.objectives import Groups, Needs
 from prefkit.objectives.edpo import perturbation_steps
-from prefkit.objectives.tdpo import seq_kl_metrics
+from prefkit.objectives.tdpo import SEQ_KL_LOGS, seq_kl_metrics
+
+EDPO_TEST_LOGS = ("diag/frac_increasing", "diag/frac_decreasing", "diag/margin_x_increasing",
+                  "diag/margin_x_decreasing")
+# What the training loop adds to every align row (prefkit.trainer)
+TRAINER_LOGS = ("loss", "lr", "epoch", "tokens", "tokens_per_s", "grad_norm", "skipped_steps")
 
 
 def widen(needs: Needs, diag: DictConfig | None) -> Needs:
@@ -56,3 +61,19 @@ def metrics(g: Groups, diag: DictConfig | None, beta: float | None) -> dict[str,
                     "diag/margin_x_increasing": (margin * increasing).mean(),
                     "diag/margin_x_decreasing": (margin * decreasing).mean()})
     return out
+
+
+def logged_metrics(objective: type | object, diag: DictConfig | None, sft_weight: float) -> set[str]:
+    """Every metrics.jsonl key an align job of this objective and these diagnostics writes: the
+    trainer's, TRL's, the objective's own (`Objective.logs`), the diagnostics', and each of the
+    loss's metrics again as eval_<key> from the held-out pairs."""
+    from prefkit.objectives.base import TRL_METRICS
+
+    own = {*TRL_METRICS, *getattr(objective, "logs", ())}
+    if diag and diag.get("seq_kl"):
+        own |= set(SEQ_KL_LOGS)
+    if diag and diag.get("edpo_test"):
+        own |= set(EDPO_TEST_LOGS)
+    if sft_weight:
+        own.add("sft/nll")
+    return {*TRAINER_LOGS, *own, "eval_loss", *(f"eval_{k}" for k in own)}

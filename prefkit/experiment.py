@@ -126,10 +126,32 @@ def check(p: Plan, compose) -> None:
                 planned.append(cfg)
     for claim in p.claims:
         for role, selector in _selectors(claim["statistic"]):
-            if not any(matches(selector, str(c.objective.name), dict(c.objective), flat(OmegaConf.to_container(c)))
-                       for c in planned):
+            chosen = [c for c in planned
+                      if matches(selector, str(c.objective.name), dict(c.objective), flat(OmegaConf.to_container(c)))]
+            if not chosen:
                 raise UserError(f"experiment {p.name}: claim {claim['name']} cannot be paired: its {role} {selector} "
                                 "matches no align job the stages plan (a missing objective or setting?)")
+            for metric in _logged_metrics_of(claim["statistic"]):
+                missing = sorted({str(c.objective.name) for c in chosen if metric not in _logs(c)})
+                if missing:
+                    raise UserError(f"experiment {p.name}: claim {claim['name']} reads the training metric {metric}, "
+                                    f"which no align job of {', '.join(missing)} logs (see `Objective.logs`; "
+                                    "diagnostics.* adds more)")
+
+
+def _logged_metrics_of(statistic: dict) -> list[str]:
+    """The metrics.jsonl keys a log_* statistic reads."""
+    if str(statistic.get("kind", "")).startswith("log_"):
+        return [str(statistic[k]) for k in ("metric", "xa", "ya", "xb", "yb") if statistic.get(k)]
+    return []
+
+
+def _logs(cfg) -> set[str]:
+    from prefkit.diagnostics import logged_metrics
+    from prefkit.objectives.base import build
+
+    objective, sft_weight = build(OmegaConf.to_container(cfg.objective, resolve=True))
+    return logged_metrics(objective, cfg.get("diagnostics"), sft_weight)
 
 
 def _selectors(statistic: dict) -> list[tuple[str, dict]]:

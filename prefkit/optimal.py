@@ -8,7 +8,9 @@ Per prompt, with samples y_i ~ π, their rewards r_i and log-ratios d_i = log π
 which is Σ_i w_i (log(m w_i) + d_i); ESS = 1/Σ_i w_i². From reference samples the KL cannot pass
 log m; from the samples of a policy that is itself far from the reference it can, so the frontier
 uses, at each β, the proposal (the reference or any sampled policy) whose estimate has the largest
-effective sample size. (Combining proposals, e.g. with the balance heuristic, would need every
+effective sample size among those whose ESS clears their own threshold (see `summarise`): a
+proposal with few samples close to π*_β is preferred to one with many samples far from it.
+(Combining proposals, e.g. with the balance heuristic, would need every
 policy's log-probability of every other policy's samples: one more forward pass per pair of
 policies, which this does not pay for.)
 """
@@ -117,12 +119,16 @@ class Proposal:
 
 def best_proposal_frontier(proposals: Sequence[Proposal], betas: Sequence[float], ess_threshold: float | None = None
                            ) -> tuple[list[OptimalPoint], list[PerPrompt]]:
-    """For each β, the estimate of the proposal with the largest mean ESS; sorted by KL. Returns
-    the points and, in the same order, their per-prompt estimates."""
+    """For each β, the estimate of the proposal with the largest mean ESS among those that are not
+    low-ESS by their own threshold (all of them when none is); sorted by KL. Returns the points
+    and, in the same order, their per-prompt estimates."""
     chosen = []
     for beta in betas:
-        candidates = [(per_prompt(p.rewards, beta, p.log_ratios), p.name) for p in proposals]
-        est, name = max(candidates, key=lambda c: float(c[0].ess.mean()))
-        chosen.append((summarise(est, beta, ess_threshold, name), est))
+        candidates = []
+        for p in proposals:
+            est = per_prompt(p.rewards, beta, p.log_ratios)
+            candidates.append((summarise(est, beta, ess_threshold, p.name), est))
+        trusted = [c for c in candidates if not c[0].low_ess] or candidates
+        chosen.append(max(trusted, key=lambda c: c[0].ess))
     chosen.sort(key=lambda c: (c[0].kl, c[0].reward))
     return [c[0] for c in chosen], [c[1] for c in chosen]

@@ -89,6 +89,14 @@ class Plan:
         total = int(train.max_steps) if train.get("max_steps") else int(train.epochs * steps_per_epoch)
         return cls(batch, micro, batch // per_step, world_size, total, steps_per_epoch)
 
+    def length(self, train: DictConfig, n_examples: int) -> str:
+        """Which of max_steps and epochs is in force, said at the start of training."""
+        epochs = self.total_steps * self.batch_size / max(n_examples, 1)
+        if train.get("max_steps"):
+            return (f"train.max_steps={self.total_steps} wins over train.epochs={train.epochs}: "
+                    f"{epochs:.3g} epoch{'' if epochs == 1 else 's'} of {n_examples:,} examples")
+        return f"train.epochs={train.epochs} of {n_examples:,} examples (train.max_steps=null)"
+
 
 @dataclass
 class Trainer:
@@ -252,7 +260,8 @@ class Trainer:
         resumed = self.maybe_resume()
         log = _Log(self, resumed)
         console.print(f"[bold]{self.cfg.stage}[/] {self.out}: {plan.total_steps} steps of {plan.batch_size} "
-                      f"({plan.micro_batch_size} × {plan.accumulation} accumulation × {plan.world_size} process(es))")
+                      f"({plan.micro_batch_size} × {plan.accumulation} accumulation × {plan.world_size} process(es)); "
+                      f"{plan.length(t, self.n_train)}")
         eval_every, save_every = int(t.get("eval_every") or 0), int(t.get("save_every") or 0)
         last_eval: dict[str, float] = {}
         if self.eval_fn and t.get("eval_at_start") and not resumed:
@@ -320,10 +329,7 @@ class Trainer:
             return None
         import wandb
 
-        run_id = wandb_run_id(self.out, self.cfg)
-        return wandb.init(project=str(self.cfg.logger.project), name=f"{self.cfg.run.name}/{self.out.parent.name}/"
-                          f"{self.out.name}", id=run_id, resume="allow", dir=str(self.out),
-                          config=OmegaConf.to_container(self.cfg, resolve=True))
+        return wandb.init(**wandb_init_args(self.cfg, self.out))
 
     def finalize(self, save_dir: Path) -> None:
         """Write the final model (atomically) and drop the now-redundant checkpoints."""
@@ -359,7 +365,7 @@ class _Log:
         if self.file:
             self.file.log(row)
         if self.wandb:
-            self.wandb.log(row, step=self.t.step)
+            self.wandb.log(wandb_keys(row), step=self.t.step)
 
     def window(self, row: dict[str, Any]) -> None:
         self.t.tokens += int(row.pop("num_tokens", 0))
@@ -388,6 +394,22 @@ class _Log:
             self.file.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def wandb_init_args(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """A sweep's runs grouped as the run directory groups them: group = run name, job type = stage,
+    name = job; tags for the objective and seed. Files (offline runs too) go to <job>/wandb/."""
+    tags = [f"seed:{cfg.seed}"]
+    if cfg.get("objective") is not None:
+        tags.insert(0, f"objective:{cfg.objective.name}")
+    return {"project": str(cfg.logger.project), "group": str(cfg.run.name), "job_type": str(cfg.stage),
+            "name": out.name, "tags": tags, "id": wandb_run_id(out, cfg), "resume": "allow", "dir": str(out),
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def wandb_keys(row: dict[str, Any]) -> dict[str, Any]:
+    """metrics.jsonl keys as TRL logs them to wandb: eval_x -> eval/x, everything else train/x."""
+    return {f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}": v for k, v in row.items() if k != "step"}
 
 
 def wandb_run_id(out: Path, cfg: DictConfig) -> str:

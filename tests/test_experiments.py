@@ -34,12 +34,25 @@ BAD = [
     (['+experiment.extra.align=["objective.alpah=1"]'], "objective.alpah is not an option of align"),
     (['+experiment.extra.nope=["x=1"]'], "extra names unknown stage(s) nope"),
 ]
+TDPO_BAD = [
+    (["experiment.claims.0.statistic.metric=eval_kl/margn"],
+     "claim dpo_rejected_seqkl_grows_faster reads the training metric eval_kl/margn, which no align job of dpo logs"),
+    # DPO logs SeqKL only because this experiment turns the diagnostic on
+    (['+experiment.extra.align=["diagnostics.seq_kl=false"]'],
+     "reads the training metric eval_kl/margin, which no align job of dpo logs"),
+]
 
 
 @pytest.mark.parametrize(("overrides", "expected"), BAD, ids=[b[1] for b in BAD])
 def test_a_bad_experiment_stops_before_anything_runs(overrides, expected):
     with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         validate("run", ["experiment=main", *overrides])
+
+
+@pytest.mark.parametrize(("overrides", "expected"), TDPO_BAD, ids=[b[1][:40] for b in TDPO_BAD])
+def test_a_claim_on_a_metric_no_job_logs_stops_before_anything_runs(overrides, expected):
+    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        validate("run", ["experiment=tdpo_imdb", *overrides])
 
 
 def test_extra_overrides_replace_the_stages_own():

@@ -208,6 +208,7 @@ AT_INIT = [
     ({"name": "beta_dpo", "beta": 0.1, "rho": 0.0}, {}),
     ({"name": "tr_dpo", "beta": 0.1}, {}),
     ({"name": "dpo_rw", "beta_pi": 0.1, "beta_r": 0.1}, {"rewards": [[1.0, -1.0], [0.0, 2.0], [0.5, 0.5]]}),
+    ({"name": "listwise_dpo", "beta": 0.1}, {}),
 ]
 
 
@@ -269,6 +270,19 @@ GRADCHECKS = [
     ({"name": "beta_dpo", "beta": 0.1, "a": 0.0}, False, {"training": False}, ()),  # a = 0: β is a constant
     ({"name": "tr_dpo", "beta": 0.3}, False, {}, ()),
     ({"name": "sft"}, True, {}, ()),
+    ({"name": "nca_pair", "beta": 0.3}, False, {}, ()),
+    ({"name": "robust_dpo", "beta": 0.3, "label_smoothing": 0.2}, False, {}, ()),
+    ({"name": "bco_pair", "beta": 0.3}, False, {"training": False}, ()),  # evaluation: δ stays a constant
+    ({"name": "sppo_hard", "beta": 0.3}, False, {}, ()),
+    ({"name": "aot", "beta": 0.3, "label_smoothing": 0.1}, False, {}, ()),
+    ({"name": "aot_unpaired", "beta": 0.3, "label_smoothing": 0.1}, False, {}, ()),
+    ({"name": "apo_zero", "beta": 0.3}, False, {}, ()),
+    ({"name": "apo_down", "beta": 0.3}, False, {}, ()),
+    ({"name": "discopop", "beta": 0.3, "tau": 0.5}, False, {}, ()),
+    ({"name": "sigmoid_norm", "beta": 2.0}, False, {}, ()),
+    ({"name": "alphapo", "beta": 2.5, "gamma": 0.3, "alpha": 0.25}, False, {}, ()),
+    ({"name": "listwise_dpo", "beta": 0.3}, False, {}, ()),
+    ({"name": "listwise_dpo", "beta": 0.7}, True, {}, ()),
 ]
 
 

@@ -83,3 +83,26 @@ def test_a_policy_sampling_itself_at_beta_inf_recovers_the_reference():
     got = optimal_point(rewards, math.inf, log_ratios_by_prompt=ratios)
     want = float(np.mean([np.exp(log_ref[i]) @ r[i] for i in range(200)]))
     assert got.reward == pytest.approx(want, abs=0.05) and got.kl == pytest.approx(0.0, abs=0.05)  # SNIS bias O(1/ESS)
+
+
+def test_a_trusted_proposal_with_few_samples_beats_an_untrusted_one_with_many():
+    """Per β the estimate comes from the largest-ESS proposal among those that clear their own ESS
+    threshold: 4 samples near π*_β (ESS 2.9 of 4) over 64 reference samples far from it (ESS 3.6 of
+    64, under a tenth), though the latter's absolute ESS is larger."""
+    rng = np.random.default_rng(3)
+    beta, n_prompts = 0.6, 200
+    log_ref, r = space(rng, n_prompts, size=2000)
+    near, ratios, far = [], [], []
+    for i in range(n_prompts):
+        log_pol = tilt(log_ref[i], r[i], 1.5 * beta)
+        y = draw(rng, log_pol, 4)
+        near.append(r[i, y].tolist())
+        ratios.append((log_pol[y] - log_ref[i, y]).tolist())
+        far.append(r[i, draw(rng, log_ref[i], 64)].tolist())
+    from_policy = optimal_point(near, beta, log_ratios_by_prompt=ratios)
+    from_ref = optimal_point(far, beta)
+    assert not from_policy.low_ess and from_ref.low_ess and from_ref.ess > from_policy.ess
+    (point,), _ = best_proposal_frontier([Proposal("reference", far, None), Proposal("policy", near, ratios)], [beta])
+    assert point.proposal == "policy"
+    want = np.array([exact(log_ref[i], r[i], beta) for i in range(n_prompts)]).mean(0)
+    assert abs(point.reward - want[0]) < abs(from_ref.reward - want[0])  # and it is the better estimate

@@ -288,3 +288,22 @@ def test_report_is_one_self_contained_document(run):
     for image in re.findall(r"\]\(([^)]+\.png)\)", md):
         assert (doc / image).exists(), image
     assert "prefkit align" in md and "| series |" in md
+
+
+def test_every_logged_metric_is_declared_and_every_declared_one_logged(run):
+    """What an experiment's claims are checked against before a run (prefkit.diagnostics.logged_metrics)
+    is what the align jobs write: nothing undeclared, nothing declared that never appears."""
+    from omegaconf import OmegaConf
+
+    from prefkit.diagnostics import logged_metrics
+    from prefkit.objectives.base import TRL_METRICS, build
+
+    for job in sorted(p for p in (run / "align").iterdir() if p.is_dir()):
+        cfg = OmegaConf.load(job / "config.yaml")
+        objective, sft_weight = build(OmegaConf.to_container(cfg.objective, resolve=True))
+        declared = logged_metrics(objective, cfg.get("diagnostics"), sft_weight)
+        written = {k for line in (job / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)} - {"step"}
+        assert written <= declared, (job.name, written - declared)
+        own = {*TRL_METRICS, *objective.logs} - {"tr_dpo/reference_updates"}
+        assert own <= written and {f"eval_{k}" for k in set(TRL_METRICS) | set(objective.logs)
+                                   if not k.startswith(("kl/beta", "kl/avg", "beta"))} <= written, job.name

@@ -126,3 +126,52 @@ def test_schedules():
     assert _schedule("linear", 0, 10)(5) == pytest.approx(0.5)
     with pytest.raises(UserError):
         _schedule("exotic", 0, 10)
+
+
+def test_max_steps_and_epochs_are_never_both_in_force_and_the_start_says_which(tmp_path):
+    from prefkit.trainer import Plan
+
+    hw = OmegaConf.create({"micro_batch_size": 8})
+    by_steps = Plan.make(OmegaConf.create({"batch_size": 8, "max_steps": 400, "epochs": 1}), hw, 285, 1)
+    assert by_steps.total_steps == 400
+    assert by_steps.length(OmegaConf.create({"max_steps": 400, "epochs": 1}), 285) == \
+        "train.max_steps=400 wins over train.epochs=1: 11.2 epochs of 285 examples"
+    by_epochs = Plan.make(OmegaConf.create({"batch_size": 8, "max_steps": None, "epochs": 2}), hw, 285, 1)
+    assert by_epochs.total_steps == 2 * (285 // 8)
+    assert "train.epochs=2 of 285 examples" in by_epochs.length(OmegaConf.create({"max_steps": None, "epochs": 2}), 285)
+
+
+def test_evaluation_runs_at_the_end_even_when_eval_every_is_longer_than_the_run(tmp_path):
+    trainer = _setup(tmp_path, _cfg(max_steps=4, eval_every=50, save_every=0))
+    seen = []
+    trainer.eval_fn = lambda model: seen.append(trainer.step) or {"eval_loss": 1.0}
+    assert trainer.fit()["eval_loss"] == 1.0 and seen == [4]
+
+
+def test_wandb_runs_are_grouped_like_the_run_directory_and_keys_split_train_eval(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = {"log": []}
+
+    class FakeRun:
+        def log(self, row, step):
+            calls["log"].append((step, row))
+
+        def finish(self):
+            calls["finished"] = True
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls.update(init=kw) or FakeRun())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = _cfg(max_steps=4, eval_every=4, save_every=0)
+    cfg.logger.wandb, cfg.logger.project, cfg.run.name = True, "p", "sweep1"
+    cfg.objective = {"name": "dpo"}
+    trainer = _setup(tmp_path, cfg)
+    trainer.eval_fn = lambda model: {"eval_loss": 0.5}
+    trainer.fit()
+    init = calls["init"]
+    assert (init["group"], init["job_type"], init["name"]) == ("sweep1", "sft", "job")
+    assert init["tags"] == ["objective:dpo", "seed:0"] and init["dir"] == str(tmp_path / "job")
+    keys = set().union(*(row for _, row in calls["log"]))
+    assert {"train/loss", "train/lr", "eval/loss"} <= keys
+    assert all(k.startswith(("train/", "eval/")) for k in keys) and calls["finished"]

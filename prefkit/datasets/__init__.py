@@ -5,7 +5,7 @@ preference rows, or prompt rows, for a split ("train" or "eval"), validated once
     synthetic   the embedded review grammar            labeled        pairs labelled in the run
     hh          Anthropic/hh-rlhf                      imdb           stanfordnlp/imdb prefixes
     tldr        Reddit TL;DR and its comparisons       ultrafeedback  chat preferences (+ argilla's)
-    local       your own files in the row schema
+    local       your own files in the row schema       local_chat     your own conversations (messages)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from prefkit.datasets import hh, imdb, labeled, local, synthetic, tldr, ultrafeedback  # noqa: F401  (registration)
+from prefkit.datasets import hh, imdb, labeled, local, local_chat, synthetic, tldr, ultrafeedback  # noqa: F401  (registration)
 from prefkit.datasets.base import ADAPTERS, KINDS
 from prefkit.errors import UserError
 

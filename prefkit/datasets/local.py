@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefkit.datasets.base import register
+from prefkit.datasets.chat import is_messages
 from prefkit.datasets.reader import Malformed, SourceAdapter
 
 
@@ -13,7 +14,9 @@ class Local(SourceAdapter):
     keep the first completion as "reference"."""
 
     def missing_columns(self, found):
-        missing = [] if "prompt" in found else ["prompt"]
+        chat_like = "messages" in found or {"chosen", "rejected"} <= set(found)
+        missing = [] if "prompt" in found else \
+            ["prompt (for conversational files of message lists use dataset=local_chat)" if chat_like else "prompt"]
         pairs = "chosen" in found and "rejected" in found
         if self.kind == "sft" and not ({"completion", "completions"} & set(found) or pairs):
             missing.append("completion (or completions, or chosen and rejected)")
@@ -26,6 +29,9 @@ class Local(SourceAdapter):
 
     def convert(self, raw, index):
         row = {k: v for k, v in raw.items() if v is not None}  # datasets fills absent keys with None
+        if "messages" in row or any(is_messages(row.get(k)) for k in ("prompt", "completion", "chosen", "rejected")):
+            raise Malformed("a conversation (message lists): read conversational files with dataset=local_chat, "
+                            "which renders them with the model's chat template")
         if "chosen" in row or "rejected" in row:
             if "completions" in row:
                 raise Malformed("has both 'completions' and 'chosen'/'rejected'")

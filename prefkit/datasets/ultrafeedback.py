@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
 
 from prefkit.datasets.base import register
+from prefkit.datasets.chat import ChatTemplate, messages
 from prefkit.datasets.reader import Malformed, SourceAdapter, as_text, pair_row, plain
 from prefkit.errors import UserError
 
@@ -24,13 +24,7 @@ class UltraFeedback(SourceAdapter):
     def __init__(self, ds, kind, tokenizer=None, run=None):
         super().__init__(ds, kind, tokenizer)
         name = str(ds.name)
-        if tokenizer is None:
-            raise UserError(f"dataset {name} renders conversations with the model's chat template; "
-                            "load it with the model's tokenizer")
-        self.template = ds.get("chat_template") or getattr(tokenizer, "chat_template", None)
-        if not self.template:
-            raise UserError(f"dataset {name}: the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) has no chat "
-                            "template; use a chat (instruct) model or set dataset.chat_template to a Jinja template")
+        self.chat = ChatTemplate(tokenizer, ds.get("chat_template"), name)
         scores = plain(ds.get("score_columns"))
         if scores is not None and (not isinstance(scores, list) or len(scores) != 2):
             raise UserError(f"dataset {name}: score_columns must name two columns (chosen, rejected) or be null")
@@ -48,34 +42,16 @@ class UltraFeedback(SourceAdapter):
             return json.dumps(chosen[:-1], sort_keys=True)
         return str(raw.get("prompt") or index)
 
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        from jinja2 import TemplateError
-
-        try:
-            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                      add_generation_prompt=generation_prompt)
-        except TemplateError as err:
-            raise Malformed(f"the chat template rejects this conversation: {err}") from None
-
     def convert(self, raw, index):
-        chosen, rejected = _messages(raw.get("chosen"), "chosen"), _messages(raw.get("rejected"), "rejected")
+        chosen, rejected = messages(raw.get("chosen"), "chosen"), messages(raw.get("rejected"), "rejected")
         conversation = chosen[:-1]
         if conversation != rejected[:-1]:
             raise Malformed("chosen and rejected differ before their last assistant message")
         if not conversation:  # only the replies are stored: the prompt column is the user turn
             conversation = [{"role": "user", "content": as_text(raw.get("prompt"), "prompt")}]
-        for what, message in (("chosen", chosen[-1]), ("rejected", rejected[-1])):
-            if not message["content"].strip():
-                raise Malformed(f"the {what} response is empty")
-        prompt = self._render(conversation, True)
-        completions = []
-        for message in (chosen[-1], rejected[-1]):
-            full = self._render([*conversation, message], False)
-            if not full.startswith(prompt):
-                raise UserError(f"dataset {self.ds.name}: row {index}: the chat template does not render the prompt "
-                                "(with its generation prompt) as a prefix of the whole conversation, so prompt and "
-                                "completion cannot be split; use another template (dataset.chat_template)")
-            completions.append(full[len(prompt):])
+        prompt = self.chat.prompt(conversation)
+        completions = [self.chat.completion(conversation, [reply[-1]], prompt, index, what)
+                       for what, reply in (("chosen", chosen), ("rejected", rejected))]
         extra: dict[str, Any] = {}
         if self.kind == "preference" and self.score_columns:
             scores = [raw.get(c) for c in self.score_columns]
@@ -88,20 +64,6 @@ class UltraFeedback(SourceAdapter):
         if self.kind == "prompts":
             extra["messages"] = conversation
         return pair_row(self.kind, prompt, *completions, reference=chosen[-1]["content"], **extra)
-
-
-def _messages(value: Any, what: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise Malformed(f"'{what}' is not a list of messages")
-    out = []
-    for message in value:
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
-            raise Malformed(f"'{what}' has a message without a string role and content")
-        out.append({"role": message["role"], "content": message["content"]})
-    if out[-1]["role"] != "assistant":
-        raise Malformed(f"'{what}' does not end with an assistant message")
-    return out
 
 
 register("ultrafeedback", UltraFeedback)

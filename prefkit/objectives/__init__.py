@@ -1,7 +1,16 @@
 """The objective registry. Importing this package registers every built-in objective; `build`
 turns an objective config into an instance. See objectives/base.py for the public API."""
 
-from prefkit.objectives import adaptive, dpo, drdo, edpo, exo, reference_free, tdpo  # noqa: F401  (registration)
+from prefkit.objectives import (  # noqa: F401  (registration)
+    adaptive,
+    dpo,
+    drdo,
+    edpo,
+    exo,
+    reference_free,
+    tdpo,
+    trl_losses,
+)
 from prefkit.objectives.base import (
     REGISTRY,
     Groups,

@@ -26,6 +26,8 @@ class BetaDPO(Objective):
     updates them during evaluation); evaluation uses all pairs with the current β_batch.
     σ is floored at 1e-6 so the first step (policy = reference, all gaps 0) is defined."""
 
+    logs = ("beta_dpo/beta", "beta_dpo/gap_mean", "beta_dpo/gap_std", "beta_dpo/kept")
+
     def __init__(self, beta: float = 0.1, a: float = 0.6, rho: float = 0.2, momentum: float = 0.9,
                  min_beta: float = 1e-3):
         if not 0.0 <= rho < 1.0:
@@ -82,6 +84,8 @@ class TRDPO(Objective):
     optimizer steps, θ_ref ← α θ + (1 − α) θ_ref. `update: soft` uses `alpha` (TR-DPOα);
     `update: hard` copies the policy (α = 1, TR-DPOτ with τ = sync_steps). The moving reference
     cannot be precomputed, and its weights are part of the checkpoint."""
+
+    logs = ("tr_dpo/reference_updates",)
 
     def __init__(self, beta: float = 0.1, update: str = "soft", alpha: float = 0.6, sync_steps: int = 512):
         if update not in ("soft", "hard"):

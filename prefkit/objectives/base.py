@@ -89,6 +89,7 @@ class Objective(Stateful):
 
     name: str = ""
     needs: Needs = Needs()
+    logs: tuple[str, ...] = ()  # the metrics it logs beyond TRL's (see `logged_metrics`)
 
     def loss(self, g: Groups) -> LossOutput:
         raise NotImplementedError
@@ -109,10 +110,11 @@ def register(name: str) -> Callable[[type[Objective]], type[Objective]]:
     return deco
 
 
-def objective(name: str, needs: Needs | Callable[..., Needs]) -> Callable[[Callable[..., LossOutput]],
-                                                                       Callable[..., LossOutput]]:
+def objective(name: str, needs: Needs | Callable[..., Needs], logs: tuple[str, ...] = ()
+              ) -> Callable[[Callable[..., LossOutput]], Callable[..., LossOutput]]:
     """Function decorator: register `fn(groups, **hyperparameters) -> LossOutput` as an objective.
-    `needs` may be a function of the hyperparameters when an option changes what is needed."""
+    `needs` may be a function of the hyperparameters when an option changes what is needed; `logs`
+    names the metrics its LossOutput carries (an experiment's claims are checked against them)."""
     def deco(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
         params = {k for k in list(inspect.signature(fn).parameters)[1:]}
 
@@ -131,6 +133,7 @@ def objective(name: str, needs: Needs | Callable[..., Needs]) -> Callable[[Calla
         FunctionObjective.__name__ = FunctionObjective.__qualname__ = f"{name}_objective"
         FunctionObjective.__doc__ = fn.__doc__
         FunctionObjective.name = name
+        FunctionObjective.logs = tuple(logs)
         REGISTRY[name] = FunctionObjective
         fn.objective_class = FunctionObjective
         return fn
@@ -185,6 +188,10 @@ def trl_metrics(g: Groups, out: LossOutput) -> dict[str, Tensor]:
             "rewards/accuracies": (chosen > rejected).float().mean(),
         })
     return metrics
+
+
+TRL_METRICS = ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins",
+               "rewards/accuracies")
 
 
 def sft_nll(g: Groups) -> Tensor:

@@ -67,3 +67,26 @@ def rdpo(g: Groups, beta: float = 0.1, alpha: float = 0.01) -> LossOutput:
     length_gap = (g.lengths[:, 0] - g.lengths[:, 1]).to(g.logps.dtype)
     loss = -logsigmoid(beta * margin(g) + alpha * length_gap)
     return LossOutput(loss.mean(), rewards=beta * g.logratios.detach())
+
+
+@objective("listwise_dpo", needs=Needs(reference="logps", group_size=None))
+def listwise_dpo(g: Groups, beta: float = 0.1) -> LossOutput:
+    """Listwise DPO: DPO under the Plackett–Luce model over K ranked completions (Rafailov et al.
+    2023, App. A.3, Eq. 18 and the objective after it; LiPO's "DPO-PL", Liu et al. 2024). With
+    u_k = β h(y_k) and the completions best first,
+        −log Π_{k=1}^{K−1} exp(u_k) / Σ_{j≥k} exp(u_j) = −Σ_{k<K} log σ(u_k − logsumexp_{j>k} u_j).
+    The ranking is the data's order (ties in rewards are not used). K = 2 is DPO, to the bit: the
+    k-th term is computed as log σ(β (h_k − m_k)) with m_k = max_{j>k} h_j + logsumexp_{j>k}
+    (β (h_j − max))/β, which is h_K exactly when one completion is left."""
+    h = g.logratios
+    k = h.shape[1]
+    if k < 2:
+        raise UserError(f"listwise_dpo needs at least 2 completions per prompt, got {k}")
+    terms = []
+    for i in range(k - 1):
+        rest = h[:, i + 1:]
+        top = rest.max(dim=1).values
+        m = top + torch.logsumexp(beta * (rest - top[:, None]), dim=1) / beta
+        terms.append(logsigmoid(beta * (h[:, i] - m)))
+    loss = -torch.stack(terms, dim=1).sum(dim=1)
+    return LossOutput(loss.mean(), rewards=beta * g.logratios.detach())

@@ -31,6 +31,9 @@ def log1mexp(z: Tensor) -> Tensor:
 
 @register("drdo")
 class DRDO(Objective):
+    logs = ("drdo/kd", "drdo/pref", "drdo/p_w", "drdo/modulator", "drdo/rhat_acc", "drdo/oracle_agree",
+            "drdo/logp_acc")
+
     def __init__(self, alpha: float = 0.1, gamma: float = 2.0, kd_weight: float = 1.0, reward_source: str = "head",
                  logp_agg: str = "sum", unlikelihood_form: str = "ratio", detach_modulator: bool = False):
         choices = {"reward_source": (reward_source, ("head", "logp_sum", "logp_mean")),

@@ -40,6 +40,8 @@ def perturbation_steps(g: Groups, eps: float) -> torch.Tensor:
 
 @register("edpo")
 class EpsilonDPO(Objective):
+    logs = ("kl/p_epsilon_steps", "kl/n_epsilon_steps", "kl/beta", "kl/avg_steps", "beta")
+
     def __init__(self, beta: float = 0.01, epsilon: float = 0.01, update_rule: str = "official",
                  perturb_dtype: str = "float32"):
         if not 0.0 <= epsilon < 1.0:

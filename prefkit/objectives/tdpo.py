@@ -16,6 +16,8 @@ from prefkit.objectives.base import Groups, LossOutput, Needs, logsigmoid, objec
 from prefkit.tokenstats import TokenRequest
 
 TOKEN_KL = Needs(reference="logits", group_size=2, tokens=TokenRequest(kl=True, reverse_kl=True))
+SEQ_KL_LOGS = ("kl/chosen", "kl/rejected", "kl/margin", "kl_reverse/chosen", "kl_reverse/rejected")
+TDPO_LOGS = (*SEQ_KL_LOGS, "tdpo/rewards_chosen", "tdpo/rewards_rejected")
 
 
 def seq_kl_metrics(g: Groups) -> dict:
@@ -35,14 +37,14 @@ def _metrics(g: Groups, beta: float) -> dict:
             "tdpo/rewards_rejected": (beta * (g.logratios[:, 1] + g.kl[:, 1])).detach().mean()}
 
 
-@objective("tdpo1", needs=TOKEN_KL)
+@objective("tdpo1", needs=TOKEN_KL, logs=TDPO_LOGS)
 def tdpo1(g: Groups, beta: float = 0.1) -> LossOutput:
     """TDPO1: −log σ(β[(h_w − h_l) − (SeqKL_l − SeqKL_w)])."""
     h = g.logratios[:, 0] - g.logratios[:, 1] - (g.kl[:, 1] - g.kl[:, 0])
     return LossOutput(-logsigmoid(beta * h).mean(), rewards=beta * g.logratios.detach(), metrics=_metrics(g, beta))
 
 
-@objective("tdpo2", needs=TOKEN_KL)
+@objective("tdpo2", needs=TOKEN_KL, logs=TDPO_LOGS)
 def tdpo2(g: Groups, beta: float = 0.1, alpha: float = 0.5) -> LossOutput:
     """TDPO2: −log σ(β[(h_w − h_l) − α(SeqKL_l − sg(SeqKL_w))])."""
     h = g.logratios[:, 0] - g.logratios[:, 1] - alpha * (g.kl[:, 1] - g.kl[:, 0].detach())
