@@ -452,6 +452,26 @@ def test_local_files_in_row_schema(cache, tok):
                   "sft", "train")
 
 
+def test_carve_holds_out_a_prompt_even_when_no_hash_falls_under_the_fraction(cache, tmp_path):
+    """Three prompts and eval_fraction=1e-6: no prompt's hash is that small, so the smallest is
+    held out (train and eval reads agree on which) rather than leaving eval empty."""
+    path = tmp_path / "rows.jsonl"
+    prompts = ["be kind", "say hello", "thank them"]
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": f" yes {i}", "rejected": f" no {i}"}) + "\n"
+                            for p in prompts for i in range(3)))
+    cfg = ds("local", cache, data_files={"train": str(path)}, splits={"train": "train", "eval": None},
+             eval_fraction=1e-6)
+    train, held_out = load_rows(cfg, "preference", "train"), load_rows(cfg, "preference", "eval")
+    assert len({r["prompt"] for r in held_out}) == 1 and len(held_out) == 3
+    assert {r["prompt"] for r in train} == set(prompts) - {held_out[0]["prompt"]} and len(train) == 6
+    assert load_rows(cfg, "preference", "eval") == held_out
+    single = tmp_path / "one.jsonl"  # one distinct prompt: nothing can be held out without emptying train
+    single.write_text(json.dumps({"prompt": "hi", "chosen": " a", "rejected": " b"}) + "\n")
+    one = ds("local", cache, data_files={"train": str(single)}, splits={"train": "train", "eval": None},
+             eval_fraction=1e-6)
+    assert len(load_rows(one, "preference", "train")) == 1
+
+
 # --- reading ----------------------------------------------------------------------------------------
 
 def test_source_errors_are_one_clear_line(cache):

@@ -96,14 +96,18 @@ def read(adapter: SourceAdapter, split: str) -> list[dict]:
             raise UserError(f"{where}: splits.eval is null, so eval is carved from the train split; "
                             f"set dataset.eval_fraction between 0 and 1 (it is {fraction})")
         fraction = float(fraction)
-        keep = lambda raw, i: _held_out(adapter.carve_key(raw, i), seed, fraction) == (carve == "eval")
+        forced = _smallest_if_none_held_out(adapter, table, seed, fraction)
+        keep = lambda raw, i: (_held_out(adapter.carve_key(raw, i), seed, fraction)
+                               or adapter.carve_key(raw, i) == forced) == (carve == "eval")
     else:
         keep = None
     limit = (ds.get("max_rows") or {}).get(split)
     tally = _Tally(where, desc, on_bad == "skip")
     rows = _convert_all(adapter, table, keep, None if limit is None else int(limit), tally)
     if carve is not None:
-        tally.notes.append(f"{carve} side of a seeded carve (eval_fraction={fraction}, seed={seed})")
+        tally.notes.append(f"{carve} side of a seeded carve (eval_fraction={fraction}, seed={seed})"
+                           + ("; no prompt's hash fell under eval_fraction, so the one with the smallest is held out"
+                              if forced is not None else ""))
     tally.report(rows)
     return rows
 
@@ -322,9 +326,29 @@ def _check_columns(found: list[str], missing: list[str], desc: str, where: str) 
                         "(is this the right dataset for this config?)")
 
 
-def _held_out(key: str, seed: int, fraction: float) -> bool:
+def _carve_hash(key: str, seed: int) -> float:
     digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _held_out(key: str, seed: int, fraction: float) -> bool:
+    return _carve_hash(key, seed) < fraction
+
+
+def _smallest_if_none_held_out(adapter: SourceAdapter, table, seed: int, fraction: float) -> str | None:
+    """With few distinct prompts no hash may fall under eval_fraction; then the prompt with the
+    smallest hash is held out, so a small file still has an eval split (and the same one for the
+    train side's read). None when the carve holds out a prompt anyway, or there is only one."""
+    best, keys = None, set()
+    for i, raw in enumerate(table):
+        key = adapter.carve_key(raw, i)
+        keys.add(key)
+        h = _carve_hash(key, seed)
+        if h < fraction:
+            return None
+        if best is None or h < best[0]:
+            best = (h, key)
+    return best[1] if best is not None and len(keys) > 1 else None
 
 
 # --- helpers for adapters -------------------------------------------------------------------------
