@@ -157,6 +157,14 @@ def row_problem(row: Any, kind: str) -> str | None:
         if rs is not None and (not isinstance(rs, list) or len(rs) != len(cs)
                                or any(not isinstance(r, (int, float)) for r in rs)):
             return "'rewards' must be one number per completion"
+    elif kind == "unpaired":  # {prompt, completion, label}, or a preference row to be split (datasets.unpair)
+        if "completions" in row:
+            return row_problem(row, "preference")
+        c = row.get("completion")
+        if not isinstance(c, str) or not c.strip():
+            return "'completion' is missing or empty"
+        if not isinstance(row.get("label"), bool):
+            return "'label' must be true (desirable) or false (undesirable)"
     return None
 
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from prefkit.console import console
 from prefkit.data import Encoded, check_unknown, encode, encode_options
+from prefkit.datasets import load_rows, with_mismatched
 from prefkit.errors import UserError
 from prefkit.models import load_model, resolve_model_path, save_policy
 from prefkit.modules import StatsLM
@@ -48,6 +49,16 @@ def policy_init(cfg: DictConfig, run: Path) -> tuple[str, dict[str, Any]]:
 
 
 # --- the data -----------------------------------------------------------------------------------
+
+def load_groups(cfg: DictConfig, needs: Needs, split: str, run: Path, tokenizer) -> list[dict]:
+    """The split's rows as the objective takes them: preference groups, or unpaired rows each with a
+    completion of another prompt (KTO's reference point)."""
+    if needs.rows == "unpaired":
+        # seeded by the dataset's seed, not the training seed: every job of a sweep pairs the same way
+        return with_mismatched(load_rows(cfg.dataset, "unpaired", split, run, tokenizer),
+                               int(cfg.dataset.get("seed") or 0))
+    return load_rows(cfg.dataset, "preference", split, run, tokenizer)
+
 
 def to_groups(rows: list[dict], needs: Needs, name: str) -> list[dict]:
     """Check the rows' group size against what the objective takes; pair objectives get each

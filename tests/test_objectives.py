@@ -93,7 +93,9 @@ COVERED = {"dpo", "cdpo", "ipo", "slic", "rdpo", "exo", "exo_rw", "dpo_rw", "tdp
            "simpo", "cpo", "orpo", "rrhf", "beta_dpo", "tr_dpo", "sft",
            # hand-computed in tests/test_trl_losses.py
            "nca_pair", "robust_dpo", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
-           "discopop", "sigmoid_norm", "alphapo", "listwise_dpo"}
+           "discopop", "sigmoid_norm", "alphapo", "listwise_dpo",
+           # hand-computed in tests/test_unpaired.py
+           "kto", "apo_zero_unpaired"}
 
 
 def builtin_objectives() -> set[str]:
@@ -734,6 +736,26 @@ def test_tr_dpo_reference_update(update, alpha):
     np.testing.assert_allclose(reference.weight.detach().numpy(), alpha * (-2 * np.array(P_W)) + (1 - alpha) * w1,
                                rtol=1e-6)
     np.testing.assert_array_equal(policy.weight.detach().numpy(), -2 * np.array(P_W))  # the policy is never touched
+
+
+def test_tr_dpo_pairs_a_sharded_references_names_with_the_policys():
+    """Under FSDP/DeepSpeed the reference is a ShardableReference, whose parameters are named
+    `lm.<name>`: the update mixes each with the policy's `<name>` (it raised KeyError 'lm.weight')."""
+    from prefkit.modules import ShardableReference
+
+    policy, reference = linear(P_W, P_B), ShardableReference(linear(R_W, R_B))
+    assert [n for n, _ in reference.named_parameters()] == ["lm.weight", "lm.bias"]
+    obj = build({"name": "tr_dpo", "update": "soft", "alpha": 0.6, "sync_steps": 1})[0]
+    obj.bind(accelerator=FakeAccelerator(), policy=policy, reference=reference)
+    assert obj.on_optimizer_step(FakeAccelerator()) == {"tr_dpo/reference_updates": 1}
+    np.testing.assert_allclose(reference.lm.weight.detach().numpy(), 0.6 * np.array(P_W) + 0.4 * np.array(R_W),
+                               rtol=1e-6)
+    other = torch.nn.Sequential(linear(R_W, R_B))  # names 0.weight, 0.bias: pairable too
+    obj.bind(accelerator=FakeAccelerator(), policy=policy, reference=other)
+    with pytest.raises(UserError, match="reference's parameter extra has no counterpart in the policy"):
+        odd = linear(R_W, R_B)
+        odd.register_parameter("extra", torch.nn.Parameter(torch.zeros(1)))
+        obj.bind(accelerator=FakeAccelerator(), policy=policy, reference=odd)
 
 
 def test_tr_dpo_needs_a_separate_reference():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-KINDS = ("sft", "preference", "prompts")
+KINDS = ("sft", "preference", "prompts", "unpaired")
 
 
 class Adapter(Protocol):

@@ -9,9 +9,12 @@ from prefkit.datasets.reader import Malformed, SourceAdapter
 
 class Local(SourceAdapter):
     """Files already in prefkit's row schema: {"prompt", "completion"}, {"prompt", "completions",
-    "rewards"?} or {"prompt", "chosen", "rejected"} (-> completions [chosen, rejected]); other
-    keys are kept. SFT rows from preference files use the first (best) completion; prompt rows
-    keep the first completion as "reference"."""
+    "rewards"?}, {"prompt", "chosen", "rejected"} (-> completions [chosen, rejected]) or unpaired
+    {"prompt", "completion", "label"}; other keys are kept. SFT rows from preference files use the
+    first (best) completion; prompt rows keep the first completion as "reference"; unpaired rows
+    are read as they are, or split from pairs (prefkit.datasets.unpair)."""
+
+    reads_unpaired = True
 
     def missing_columns(self, found):
         chat_like = "messages" in found or {"chosen", "rejected"} <= set(found)
@@ -21,7 +24,11 @@ class Local(SourceAdapter):
         if self.kind == "sft" and not ({"completion", "completions"} & set(found) or pairs):
             missing.append("completion (or completions, or chosen and rejected)")
         if self.kind == "preference" and "completions" not in found and not pairs:
-            missing.append("completions (or chosen and rejected)")
+            missing.append("completions (this file has unpaired rows, {prompt, completion, label}: they train "
+                           "objectives that take unpaired data, such as kto)" if {"completion", "label"} <= set(found)
+                           else "completions (or chosen and rejected)")
+        if self.kind == "unpaired" and not ({"completion", "label"} <= set(found) or "completions" in found or pairs):
+            missing.append("completion and label (or completions, or chosen and rejected, to split)")
         return missing
 
     def carve_key(self, raw, index):
@@ -38,7 +45,14 @@ class Local(SourceAdapter):
             row["completions"] = [row.pop("chosen", None), row.pop("rejected", None)]
         completions = row.get("completions")
         first = completions[0] if isinstance(completions, list) and completions else None
+        if self.kind == "unpaired":
+            if "completions" in row:  # a preference row: split by load_rows
+                row.pop("completion", None)
+                row.pop("label", None)
+            return row
         if self.kind == "sft":
+            if row.get("label") is False:  # SFT on an unpaired file learns its desirable completions only
+                return None
             if "completion" not in row and first is not None:
                 row["completion"] = first
             row.pop("completions", None)

@@ -7,6 +7,7 @@ from prefkit.objectives import (  # noqa: F401  (registration)
     drdo,
     edpo,
     exo,
+    kto,
     reference_free,
     tdpo,
     trl_losses,

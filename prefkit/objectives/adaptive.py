@@ -102,6 +102,9 @@ class TRDPO(Objective):
     def bind(self, policy: nn.Module | None = None, reference: nn.Module | None = None, **_: Any) -> None:
         if reference is None or reference is policy:
             raise UserError("tr_dpo needs a separate reference model (it cannot use LoRA's adapter-off reference)")
+        names = dict(policy.named_parameters())
+        for name, _param in reference.named_parameters():  # check the pairing now, not at the first sync
+            policy_name(name, names)
         self.policy, self.reference = policy, reference
 
     def loss(self, g: Groups) -> LossOutput:
@@ -115,7 +118,8 @@ class TRDPO(Objective):
             return {}
         policy = dict(accelerator.unwrap_model(self.policy).named_parameters())
         for name, ref_param in self.reference.named_parameters():
-            ref_param.mul_(1 - self.alpha).add_(policy[name].detach().to(ref_param.dtype), alpha=self.alpha)
+            ref_param.mul_(1 - self.alpha).add_(policy[policy_name(name, policy)].detach().to(ref_param.dtype),
+                                                alpha=self.alpha)
         return {"tr_dpo/reference_updates": self.steps // self.sync_steps}
 
     def state_dict(self) -> dict[str, Any]:
@@ -129,3 +133,17 @@ class TRDPO(Objective):
         weights = {k[len("reference."):]: v for k, v in state.items() if k.startswith("reference.")}
         if weights and self.reference is not None:
             self.reference.load_state_dict(weights)
+
+
+def policy_name(reference_name: str, policy: dict[str, Any]) -> str:
+    """The policy parameter a reference parameter mixes with. Under FSDP and DeepSpeed the reference
+    is wrapped for the engine (`ShardableReference.lm`), so its names carry the wrapper's prefix;
+    engines may add their own (`_fsdp_wrapped_module.`, `module.`) to either side. Names are paired
+    by stripping leading components of the reference's name until one is the policy's."""
+    parts = reference_name.split(".")
+    for i in range(len(parts)):
+        if ".".join(parts[i:]) in policy:
+            return ".".join(parts[i:])
+    raise UserError(f"tr_dpo: the reference's parameter {reference_name} has no counterpart in the policy "
+                    "(are policy and reference the same architecture?)")
+

@@ -38,11 +38,16 @@ class Needs:
     rewards: bool = False  # per-completion rewards must come with the data (or from a reward model)
     group_size: int | None = 2  # completions per prompt: 2 = pairs; None = any K >= 2
     reward_head: bool = False  # a scalar reward head on the policy's last hidden state (DRDO)
+    # "preference": ranked completions; "unpaired": one completion with a desirable/undesirable
+    # label per prompt, plus a mismatched completion for the KL reference point (KTO)
+    rows: str = "preference"
     tokens: TokenRequest = field(default_factory=TokenRequest)
 
     def __post_init__(self) -> None:
         if self.reference not in ("none", "logps", "logits"):
             raise ValueError(f"Needs.reference must be none, logps or logits, not {self.reference!r}")
+        if self.rows not in ("preference", "unpaired"):
+            raise ValueError(f"Needs.rows must be preference or unpaired, not {self.rows!r}")
         if self.tokens.needs_reference_logits and self.reference != "logits":
             object.__setattr__(self, "reference", "logits")
 
@@ -61,6 +66,7 @@ class Groups:
     mixture_logps: dict[float, Tensor] = field(default_factory=dict)  # λ -> log-probs under the logit mixture
     rewards: Tensor | None = None  # rewards from the data or a reward model, no gradient
     reward_pred: Tensor | None = None  # the policy's reward head, differentiable
+    labels: Tensor | None = None  # [B] bool, unpaired rows: completion 0 desirable (True) or not
 
     @property
     def logratios(self) -> Tensor:
@@ -195,7 +201,11 @@ TRL_METRICS = ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/reje
 
 
 def sft_nll(g: Groups) -> Tensor:
-    """Token-mean NLL of the chosen responses over the batch (TRL's `sft` loss term)."""
+    """Token-mean NLL of the chosen responses over the batch (TRL's `sft` loss term); for unpaired
+    rows, of the desirable ones (zero when the micro-batch has none)."""
+    if g.labels is not None:
+        keep = g.labels.bool()
+        return -g.logps[keep, 0].sum() / g.lengths[keep, 0].sum().clamp(min=1)
     return -g.logps[:, 0].sum() / g.lengths[:, 0].sum().clamp(min=1)
 
 

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from prefkit import datasource, diagnostics, recipe, reference
 from prefkit.console import console
 from prefkit.data import Encoded, collate
-from prefkit.datasets import load_rows
 from prefkit.engine import is_sharded, make_accelerator
 from prefkit.errors import UserError
 from prefkit.models import load_tokenizer
@@ -47,10 +46,11 @@ def run(cfg: DictConfig) -> float | None:
     tokenizer = load_tokenizer(init_path, trust_remote_code=bool(cfg.model.trust_remote_code))
 
     # the data: groups of completions as token ids, and rewards where the objective uses them
-    rows = {split: recipe.to_groups(load_rows(cfg.dataset, "preference", split, run_path, tokenizer), needs,
-                                    objective.name) for split in ("train", "eval")}
+    rows = {split: recipe.to_groups(recipe.load_groups(cfg, needs, split, run_path, tokenizer), needs, objective.name)
+            for split in ("train", "eval")}
     groups = {split: recipe.encode_groups(r, tokenizer, cfg.dataset, split) for split, r in rows.items()}
     rewards = {split: row_rewards(r) for split, r in rows.items()}
+    labels = {split: row_labels(r) for split, r in rows.items()}
     if needs.rewards or cfg.rewards.source == "model":
         rewards = reward_columns(cfg, run_path, rows, rewards, inputs)
     if needs.group_size is None and len(groups["train"][0]) < 2:
@@ -69,7 +69,8 @@ def run(cfg: DictConfig) -> float | None:
     recompute = needs.tokens.needs_reference_logits if cfg.hardware.get("recompute_lm_head", "auto") == "auto" \
         else bool(cfg.hardware.recompute_lm_head)
     step = AlignStep(objective, groups, tokenizer.pad_token_id, accelerator.device, chunk,
-                     recompute and not is_sharded(accelerator), ref, rewards, sft_weight, needs, cfg.get("diagnostics"))
+                     recompute and not is_sharded(accelerator), ref, rewards, sft_weight, needs, cfg.get("diagnostics"),
+                     labels)
     final = recipe.train(
         cfg, out, policy, accelerator, len(groups["train"]), lambda m, idx, training: step(m, "train", idx, training),
         recipe.evaluator(lambda m, idx: step(m, "eval", idx, False), len(groups["eval"]),
@@ -98,6 +99,7 @@ class AlignStep:
     sft_weight: float = 0.0
     needs: Needs | None = None  # what to compute: the objective's needs, widened by the diagnostics
     diagnostics: DictConfig | None = None
+    labels: dict[str, Tensor | None] = field(default_factory=dict)  # split -> [N] bool (unpaired rows)
 
     def __call__(self, model: nn.Module, split: str, indices: list[int], training: bool
                  ) -> tuple[Tensor, dict[str, Any]]:
@@ -113,13 +115,14 @@ class AlignStep:
             return None if t is None else t.view(b, k)
 
         ref_logps = cached_ref_logps if cached_ref_logps is not None else stats.ref_logps
-        rewards = self.rewards.get(split)
+        rewards, labels = self.rewards.get(split), self.labels.get(split)
         g = Groups(logps=view(stats.logps), lengths=view(stats.lengths), training=training,
                    ref_logps=view(ref_logps) if needs.reference != "none" else None,
                    kl=view(stats.kl), reverse_kl=view(stats.reverse_kl),
                    mixture_logps={lam: view(t) for lam, t in stats.mixture_logps.items()},
                    rewards=None if rewards is None else rewards[indices].to(self.device),
-                   reward_pred=view(reward_pred))
+                   reward_pred=view(reward_pred),
+                   labels=None if labels is None else labels[indices].to(self.device))
         result = self.objective.loss(g)
         loss = result.loss
         metrics: dict[str, Any] = {**trl_metrics(g, result), **result.metrics,
@@ -149,6 +152,11 @@ def _summarise(out: Path, final: dict, objective: Objective, groups: dict) -> No
 
 
 # --- rewards ------------------------------------------------------------------------------------
+
+def row_labels(rows: list[dict]) -> Tensor | None:
+    """Unpaired rows' labels (True: desirable), or None for preference rows."""
+    return torch.tensor([bool(r["label"]) for r in rows]) if rows and "label" in rows[0] else None
+
 
 def row_rewards(rows: list[dict]) -> Tensor | None:
     if all(r.get("rewards") is not None for r in rows):
