@@ -50,11 +50,22 @@ def make_accelerator(hardware: DictConfig, model_cfg: DictConfig | None = None, 
             gradient_clipping=float(train.max_grad_norm) if train is not None and train.get("max_grad_norm") else None)
     elif distributed not in ("none", "ddp"):
         raise UserError(f"unknown hardware.distributed '{distributed}'; valid: none, ddp, fsdp, deepspeed")
+    _forget_earlier_settings()
     acc = Accelerator(cpu=str(hardware.device) == "cpu", mixed_precision=precision, **kwargs)
     if distributed in ("fsdp", "deepspeed") and acc.num_processes == 1 and str(hardware.device) == "cpu":
         raise UserError(f"hardware.distributed={distributed} needs GPUs and a launcher "
                         "(accelerate launch --num_processes N -m prefkit.cli ...)")
     return acc
+
+
+def _forget_earlier_settings() -> None:
+    """accelerate keeps one AcceleratorState per process and refuses another precision or engine in
+    it; jobs run one after another in one process (prefkit.api, a multirun sweep) may differ in
+    both. The process group (PartialState) is kept: under a launcher it is the same for every job."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def is_sharded(accelerator) -> bool:
