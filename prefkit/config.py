@@ -63,7 +63,8 @@ def job_name(job: str | None, prefix: str, prefix_key: str, overrides: list[str]
     pairs = []
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if key.startswith(_NOT_IN_JOB_NAME) or (prefix_key and key == prefix_key):
+        if key.startswith(_NOT_IN_JOB_NAME) or (prefix_key and key == prefix_key and value == prefix):
+            # (the prefix names that override already)
             continue
         pairs.append((key, value))
     leaves = [k.rsplit(".", 1)[-1] for k, _ in pairs]

@@ -144,6 +144,9 @@ def test_job_names_are_short_hydra_safe_and_hash_the_rest():
     assert name.startswith("dpo_beta-0.1_seed-2_h") and len(name) <= 40
     assert not set(name) & set(",= /'\"[]{}")
     assert job_name("mine", "dpo", "objective", ["objective.beta=0.1"]) == "mine"  # job= wins
+    # a prefix of one's own (job_prefix=fs) keeps the objective in the name: a sweep's jobs stay apart
+    named = job_name(None, "fs", "objective", ["job_prefix=fs", "objective=tdpo2", "seed=1"])
+    assert named == "fs_objective-tdpo2_seed-1"
     assert job_name(None, "dpo", "objective", ["dataset.data_files=rows.jsonl"]) == "dpo_data_files-rows.jsonl"
     short = job_name(None, "dpo", "objective", ["dataset.data_files=data/rows.jsonl"])
     assert short.startswith("dpo_data_files-h") and "/" not in short

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from conftest import TEST_CONF, TINY_ALIGN, prefkit
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # the CLI end to end
@@ -35,6 +36,48 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(sft_run)
     diff = max((one[k] - two[k]).abs().max().item() for k in one)
     assert moved > 1e-4  # training changed the weights...
     assert diff < 1e-5, diff  # ...identically, up to the order of floating-point sums
+
+
+FSDP_CPU = ["hardware=fsdp", "hardware.device=cpu", "hardware.precision=fp32",
+            "hardware.fsdp.activation_checkpointing=false"]
+
+
+def _launch(cwd, *args: str) -> None:
+    env = {**os.environ, "PREFKIT_CONFIG_PATH": str(TEST_CONF), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
+           "-m", "prefkit.cli", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_fsdp2_on_two_cpu_processes_matches_one_process(sft_run):
+    """FSDP2 (fully_shard through accelerate, gloo) with policy and reference sharded: DPO (cached
+    reference log-probs computed by the sharded reference), TDPO2 (the reference's log-softmax rows
+    from inside its sharded forward) and TR-DPO (the sharded reference updated from the policy
+    every 2 steps) end where one process with the same global batch ends."""
+    common = ["run.name=shared", *TINY_ALIGN, STEPS]
+    _launch(sft_run, "align", "-m", *common, *FSDP_CPU, "job_prefix=fsdp", "objective=dpo,tdpo2")
+    _launch(sft_run, "align", *common, *FSDP_CPU, "job=fsdp_tr", "objective=tr_dpo", "objective.sync_steps=2")
+    prefkit("align", "-m", *common, "job_prefix=single", "objective=dpo,tdpo2", cwd=sft_run)
+    prefkit("align", *common, "job=single_tr", "objective=tr_dpo", "objective.sync_steps=2", cwd=sft_run)
+    align = sft_run / "outputs/shared/align"
+    start = load_file(sft_run / "outputs/shared/sft/" / _sft_job(sft_run) / "model/model.safetensors")
+
+    def by_objective(prefix: str) -> dict[str, str]:  # long derived names are hashed: find jobs by their config
+        return {OmegaConf.load(p / "config.yaml").objective.name: p.name for p in align.glob(f"{prefix}_*")}
+
+    sharded, single = {**by_objective("fsdp"), "tr_dpo": "fsdp_tr"}, {**by_objective("single"), "tr_dpo": "single_tr"}
+    for objective in ("dpo", "tdpo2", "tr_dpo"):
+        plan = json.loads((align / sharded[objective] / "plan.json").read_text())
+        assert plan["world_size"] == 2, objective
+        one = load_file(align / single[objective] / "model/model.safetensors")
+        two = load_file(align / sharded[objective] / "model/model.safetensors")
+        assert set(one) == set(two), objective  # the full (gathered) state dict, as from one process
+        assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4, objective
+        assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5, objective
+    logged = [json.loads(line) for line in (align / "fsdp_tr/metrics.jsonl").read_text().splitlines()]
+    assert any(row.get("tr_dpo/reference_updates") for row in logged)
 
 
 def _sft_job(root) -> str:
