@@ -81,10 +81,10 @@ class StatsLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
                 reference: Reference | None = None, req: TokenRequest = LOGPS_ONLY, chunk_size: int | None = None,
-                recompute: bool = True) -> tuple[SequenceStats, Tensor | None]:
+                recompute: bool = True, group_size: int | None = None) -> tuple[SequenceStats, Tensor | None]:
         hidden = final_hidden(self.lm, input_ids, attention_mask)
         stats = stats_from_hidden(hidden, Head.of(self.lm), attention_mask, labels, reference=reference, req=req,
-                                  chunk_size=chunk_size, recompute=recompute)
+                                  chunk_size=chunk_size, recompute=recompute, group_size=group_size)
         rewards = None
         if self.reward_head is not None:
             rewards = self.reward_head(stats.last_hidden.to(self.reward_head.weight.dtype)).squeeze(-1)
@@ -94,9 +94,10 @@ class StatsLM(nn.Module):
 def sequence_stats(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
                    reference: nn.Module | None = None, req: TokenRequest = LOGPS_ONLY,
                    want_ref_logps: bool = False, chunk_size: int | None = None, recompute: bool = True,
-                   reference_context: Callable | None = None) -> SequenceStats:
+                   reference_context: Callable | None = None, group_size: int | None = None) -> SequenceStats:
     """Statistics of every sequence's response tokens (labels != -100) under `model` (and, for
-    reference log-probs or any reference-logit statistic, under `reference`)."""
+    reference log-probs or any reference-logit statistic, under `reference`); `group_size`
+    consecutive sequences form a prompt's group (for shared-prefix sums)."""
     ref = None
     if want_ref_logps or req.needs_reference_logits:
         if reference is None:
@@ -104,4 +105,4 @@ def sequence_stats(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         ref = reference_hidden(reference, input_ids, attention_mask, labels, reference_context)
     hidden = final_hidden(model, input_ids, attention_mask)
     return stats_from_hidden(hidden, Head.of(model), attention_mask, labels, reference=ref, req=req,
-                             chunk_size=chunk_size, recompute=recompute)
+                             chunk_size=chunk_size, recompute=recompute, group_size=group_size)

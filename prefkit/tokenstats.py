@@ -2,8 +2,8 @@
 
 The LM head runs only on the hidden states of response positions, `chunk` tokens at a time.
 Everything that needs the full vocabulary (log-softmax, the token-level KL of TDPO, the logit
-mixtures of ε-DPO) lives inside one chunk, so no [batch, length, vocab] tensor of either model
-ever exists. With `recompute=True` the backward pass recomputes each chunk's logits from the
+mixtures of ε-DPO, WPO's log Σ p²) lives inside one chunk, so no [batch, length, vocab] tensor of
+either model ever exists. With `recompute=True` the backward pass recomputes each chunk's logits from the
 saved hidden states instead of keeping them (memory O(tokens × hidden) between forward and
 backward; TDPO's closed-form gradient, Zeng et al. 2024, Appendix A); with `recompute=False` it
 keeps them (faster when memory is not the constraint). Softmax maths is at least float32;
@@ -54,6 +54,11 @@ class TokenRequest:
     mixtures: tuple[float, ...] = ()  # λ: log softmax(λ f_θ + (1-λ) f_ref)[y], no gradient (ε-DPO)
     # float32: exact maths; bfloat16: the official ε-DPO code's arithmetic (every step in bf16)
     mixture_dtype: torch.dtype = torch.float32
+    # log Σ_v π_θ(v|s_t)², no gradient: the chance that two of the policy's samples agree (WPO's weights)
+    log_sum_sq_probs: bool = False
+    # the log-prob sums (policy, differentiable, and reference) over each group's shared prefix: the
+    # first min_k |y_k| response tokens of the K completions of a prompt (LD-DPO's public length)
+    shared_prefix: bool = False
 
     @property
     def needs_reference_logits(self) -> bool:
@@ -170,11 +175,14 @@ def mixture_logps(z: Tensor, zr: Tensor, targets: Tensor, lam: float, dtype: tor
 
 def _extras(z: Tensor, targets: Tensor, zr: Tensor | None, ref_logp_full: Tensor | None,
             req: TokenRequest) -> dict[str, Tensor]:
-    """No-gradient statistics of one chunk: reference log-prob, reverse KL, entropy, mixtures."""
+    """No-gradient statistics of one chunk: reference log-prob, reverse KL, entropy, log Σ p²,
+    mixtures."""
     out: dict[str, Tensor] = {}
-    if req.reverse_kl or req.entropy:
+    if req.reverse_kl or req.entropy or req.log_sum_sq_probs:
         logp_full = torch.log_softmax(z, dim=-1)
-        p = logp_full.exp()
+        if req.log_sum_sq_probs:  # log Σ_v p_v² = logsumexp(2 log p): no p² underflow
+            out["log_sum_sq_probs"] = torch.logsumexp(2 * logp_full, dim=-1)
+        p = logp_full.exp() if req.reverse_kl or req.entropy else None
         if req.entropy:
             out["entropy"] = -(p * logp_full).sum(-1)
         if req.reverse_kl and ref_logp_full is not None:
@@ -265,7 +273,8 @@ def token_stats(hidden: Tensor, targets: Tensor, head: Head, *, reference: Refer
                 req: TokenRequest = LOGPS_ONLY, chunk_size: int | None = None,
                 recompute: bool = True) -> dict[str, Tensor]:
     """Per-token statistics for response hidden states [M, H] and their next tokens [M]:
-    "logps" (and "kl") with gradient; "ref_logps", "reverse_kl", "entropy", "mix<λ>" without."""
+    "logps" (and "kl") with gradient; "ref_logps", "reverse_kl", "entropy", "log_sum_sq_probs",
+    "mix<λ>" without."""
     if req.needs_reference_logits and reference is None:
         raise ValueError("this request needs the reference model's logits")
     p = Pass(head, reference, req, chunk_tokens(chunk_size, head.vocab))
@@ -290,6 +299,9 @@ class SequenceStats:
     kl: Tensor | None = None  # Σ_t KL(π_ref ‖ π_θ)(s_t), differentiable
     reverse_kl: Tensor | None = None  # Σ_t KL(π_θ ‖ π_ref)(s_t)
     entropy: Tensor | None = None  # Σ_t H(π_θ(· | s_t))
+    log_sum_sq_probs: Tensor | None = None  # Σ_t log Σ_v π_θ(v | s_t)²
+    prefix_logps: Tensor | None = None  # Σ_{t ≤ m} log π_θ(y_t | s_t), m its group's shared length, differentiable
+    ref_prefix_logps: Tensor | None = None  # the same sum under π_ref
     mixture_logps: dict[float, Tensor] = field(default_factory=dict)
     last_hidden: Tensor | None = None  # [N, H] final hidden state at each sequence's last token
 
@@ -313,12 +325,26 @@ def sum_by_sequence(values: Tensor, rows: Tensor, n: int) -> Tensor:
     return torch.zeros(n, dtype=acc, device=values.device).index_add(0, rows, values.to(acc))
 
 
+def shared_prefix(rows: Tensor, lengths: Tensor, group_size: int) -> Tensor:
+    """[M] bool: whether each response token (row-major order, `rows` its sequence) lies in its
+    group's shared prefix, the first min_k |y_k| response tokens, the K = `group_size`
+    consecutive sequences of a prompt taken together (LD-DPO's public length)."""
+    if lengths.shape[0] % group_size:
+        raise ValueError(f"{lengths.shape[0]} sequences do not form groups of {group_size}")
+    shared = lengths.view(-1, group_size).min(dim=1).values.repeat_interleave(group_size)
+    start = torch.cumsum(lengths, 0) - lengths  # each sequence's first response token, in row-major order
+    rank = torch.arange(rows.shape[0], device=rows.device) - start[rows]  # 0, 1, ... within its sequence
+    return rank < shared[rows]
+
+
 def stats_from_hidden(hidden: Tensor, head: Head, attention_mask: Tensor, labels: Tensor, *,
                       reference: Reference | None = None, req: TokenRequest = LOGPS_ONLY,
-                      chunk_size: int | None = None, recompute: bool = True) -> SequenceStats:
+                      chunk_size: int | None = None, recompute: bool = True,
+                      group_size: int | None = None) -> SequenceStats:
     """Per-sequence sums from the final hidden states [N, T, H], or from rows [M, ·] already at the
     response positions in row-major order (e.g. logits kept from generation, with
-    Head.identity; no last_hidden then)."""
+    Head.identity; no last_hidden then). `group_size`: consecutive sequences that are one
+    prompt's completions (needed for `req.shared_prefix`)."""
     n = labels.shape[0]
     rows, cols, targets = response_positions(labels)
     at_positions = hidden.dim() == 2
@@ -327,9 +353,16 @@ def stats_from_hidden(hidden: Tensor, head: Head, attention_mask: Tensor, labels
     stats = SequenceStats(logps=sum_by_sequence(per_token["logps"], rows, n),
                           lengths=torch.zeros(n, dtype=torch.long, device=labels.device).index_add(
                               0, rows, torch.ones_like(rows)))
-    for key in ("ref_logps", "kl", "reverse_kl", "entropy"):
+    for key in ("ref_logps", "kl", "reverse_kl", "entropy", "log_sum_sq_probs"):
         if key in per_token:
             setattr(stats, key, sum_by_sequence(per_token[key], rows, n))
+    if req.shared_prefix:
+        if not group_size:
+            raise ValueError("shared-prefix sums need the group size")
+        keep = shared_prefix(rows, stats.lengths, group_size)
+        stats.prefix_logps = sum_by_sequence(per_token["logps"][keep], rows[keep], n)
+        if "ref_logps" in per_token:
+            stats.ref_prefix_logps = sum_by_sequence(per_token["ref_logps"][keep], rows[keep], n)
     stats.mixture_logps = {lam: sum_by_sequence(per_token[f"mix{lam}"], rows, n) for lam in req.mixtures}
     if not at_positions:
         last = attention_mask.sum(-1) - 1  # right padding

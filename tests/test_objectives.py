@@ -95,7 +95,9 @@ COVERED = {"dpo", "cdpo", "ipo", "slic", "rdpo", "exo", "exo_rw", "dpo_rw", "tdp
            "nca_pair", "robust_dpo", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
            "discopop", "sigmoid_norm", "alphapo", "listwise_dpo",
            # hand-computed in tests/test_unpaired.py
-           "kto", "apo_zero_unpaired"}
+           "kto", "apo_zero_unpaired",
+           # hand-computed in tests/test_mix.py
+           "mix"}
 
 
 def builtin_objectives() -> set[str]:

@@ -8,6 +8,7 @@ from prefkit.objectives import (  # noqa: F401  (registration)
     edpo,
     exo,
     kto,
+    mix,
     reference_free,
     tdpo,
     trl_losses,

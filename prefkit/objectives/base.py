@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from prefkit.errors import UserError
+from prefkit.objectives.modifiers import MODIFIER_OPTIONS, WHY_NOT, Modifiers
 from prefkit.stateful import Stateful
 from prefkit.tokenstats import TokenRequest
 
@@ -67,6 +68,22 @@ class Groups:
     rewards: Tensor | None = None  # rewards from the data or a reward model, no gradient
     reward_pred: Tensor | None = None  # the policy's reward head, differentiable
     labels: Tensor | None = None  # [B] bool, unpaired rows: completion 0 desirable (True) or not
+    log_sum_sq_probs: Tensor | None = None  # Σ_t log Σ_v π_θ(v|s_t)², no gradient (WPO's weights)
+    prefix_logps: Tensor | None = None  # logps over the group's shared prefix (LD-DPO), differentiable
+    ref_prefix_logps: Tensor | None = None  # ref_logps over the same prefix
+    # set by the modifiers (`Modifiers.prepare`) rather than the trainer:
+    f_scores: Tensor | None = None  # f′(π_θ/π_ref) under an f-divergence (f-DPO); None: the log-ratio
+    weights: Tensor | None = None  # [B] per-prompt loss weights (WPO); None: all 1
+
+    @property
+    def scores(self) -> Tensor:
+        """What the losses of the chosen − rejected difference compare: f′(π_θ(y|x)/π_ref(y|x))
+        under an f-divergence (f-DPO), the log-ratio h under DPO's reverse KL."""
+        return self.logratios if self.f_scores is None else self.f_scores
+
+    def reduce(self, losses: Tensor) -> Tensor:
+        """The batch's loss from per-prompt losses [B]: their mean, weighted when `weights` is set."""
+        return losses.mean() if self.weights is None else (self.weights * losses).mean()
 
     @property
     def logratios(self) -> Tensor:
@@ -96,6 +113,8 @@ class Objective(Stateful):
     name: str = ""
     needs: Needs = Needs()
     logs: tuple[str, ...] = ()  # the metrics it logs beyond TRL's (see `logged_metrics`)
+    modifier_options: tuple[str, ...] = ()  # the MODIFIER_OPTIONS it takes
+    modifiers: Modifiers = Modifiers()
 
     def loss(self, g: Groups) -> LossOutput:
         raise NotImplementedError
@@ -116,30 +135,47 @@ def register(name: str) -> Callable[[type[Objective]], type[Objective]]:
     return deco
 
 
-def objective(name: str, needs: Needs | Callable[..., Needs], logs: tuple[str, ...] = ()
-              ) -> Callable[[Callable[..., LossOutput]], Callable[..., LossOutput]]:
+def options_of(modifiers: tuple[str, ...]) -> tuple[str, ...]:
+    """The options of these modifiers (f_divergence brings f_alpha)."""
+    unknown = set(modifiers) - {"f_divergence", "ld_alpha", "use_weighting"}
+    if unknown:
+        raise ValueError(f"unknown modifiers {sorted(unknown)}")
+    return tuple(o for o in MODIFIER_OPTIONS if o in modifiers or (o == "f_alpha" and "f_divergence" in modifiers))
+
+
+def objective(name: str, needs: Needs | Callable[..., Needs], logs: tuple[str, ...] = (),
+              modifiers: tuple[str, ...] = ()) -> Callable[[Callable[..., LossOutput]], Callable[..., LossOutput]]:
     """Function decorator: register `fn(groups, **hyperparameters) -> LossOutput` as an objective.
     `needs` may be a function of the hyperparameters when an option changes what is needed; `logs`
-    names the metrics its LossOutput carries (an experiment's claims are checked against them)."""
+    names the metrics its LossOutput carries (an experiment's claims are checked against them);
+    `modifiers` the TRL options it takes around its loss ("f_divergence": it reads `g.scores`;
+    "use_weighting": it reduces with `g.reduce`; "ld_alpha"), see `Modifiers`."""
+    takes = options_of(modifiers)
+
     def deco(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
         params = {k for k in list(inspect.signature(fn).parameters)[1:]}
 
         class FunctionObjective(Objective):
             def __init__(self, **hparams: Any):
-                unknown = set(hparams) - params
+                unknown = set(hparams) - params - set(takes)
                 if unknown:
                     raise UserError(f"objective {name} has no option {', '.join(sorted(unknown))}; "
-                                    f"valid: {', '.join(sorted(params)) or 'none'}")
+                                    f"valid: {', '.join(sorted(params | set(takes))) or 'none'}")
                 self.hparams = hparams
-                self.needs = needs(**hparams) if callable(needs) else needs
+                self.fn_hparams = {k: v for k, v in hparams.items() if k in params}
+                self.modifiers = Modifiers.parse(name, **{k: v for k, v in hparams.items() if k in takes})
+                base = needs(**self.fn_hparams) if callable(needs) else needs
+                self.needs = self.modifiers.widen(base, name)
 
             def loss(self, g: Groups) -> LossOutput:
-                return fn(g, **self.hparams)
+                return fn(self.modifiers.prepare(g), **self.fn_hparams)
 
         FunctionObjective.__name__ = FunctionObjective.__qualname__ = f"{name}_objective"
         FunctionObjective.__doc__ = fn.__doc__
         FunctionObjective.name = name
         FunctionObjective.logs = tuple(logs)
+        FunctionObjective.modifier_options = takes
+        FunctionObjective.fn_params = frozenset(params)
         REGISTRY[name] = FunctionObjective
         fn.objective_class = FunctionObjective
         return fn
@@ -168,14 +204,38 @@ def build(cfg: dict[str, Any]) -> tuple[Objective, float]:
             raise UserError(f"objective {cfg['name']}: importing {module} failed ({type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
     name = str(cfg["name"])
+    obj = instantiate(name, {k: v for k, v in cfg.items() if k not in COMMON_OPTIONS})
+    return obj, float(cfg.get("sft_weight") or 0.0)
+
+
+def _accepts(cls: Callable[..., Objective], option: str) -> bool:
+    """Whether an objective takes this option: as a modifier, or as an option of its own (a user's
+    objective may have an `ld_alpha` of its own making)."""
+    if option in getattr(cls, "modifier_options", ()):
+        return True
+    params = getattr(cls, "fn_params", None)
+    if params is None:  # a class: its constructor's
+        params = inspect.signature(cls).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return True
+    return option in params
+
+
+def instantiate(name: str, hparams: dict[str, Any]) -> Objective:
+    """The registered objective `name` with these options (UserError for any that do not fit)."""
     if name not in REGISTRY:
         raise UserError(f"unknown objective '{name}'; registered: {', '.join(sorted(REGISTRY))}")
-    hparams = {k: v for k, v in cfg.items() if k not in COMMON_OPTIONS}
+    cls = REGISTRY[name]
+    for option in MODIFIER_OPTIONS:
+        if option in hparams and not _accepts(cls, option):
+            takers = sorted(n for n, c in REGISTRY.items() if option in getattr(c, "modifier_options", ()))
+            why = getattr(cls, "modifier_note", "") or WHY_NOT[option]
+            raise UserError(f"objective {name} does not take {option}: {why}; objectives that do: "
+                            f"{', '.join(takers) or 'none'}")
     try:
-        obj = REGISTRY[name](**hparams)
+        return cls(**hparams)
     except TypeError as err:
         raise UserError(f"objective {name}: {err}") from None
-    return obj, float(cfg.get("sft_weight") or 0.0)
 
 
 def with_tokens(needs: Needs, **changes: Any) -> Needs:

@@ -5,6 +5,10 @@ Notation as in dpo.py: h(y) = log π_θ(y|x) − log π_ref(y|x) summed over res
 h_l for the chosen and the rejected completion, d = h_w − h_l, r = β h the implicit reward, σ the
 logistic function, sg(·) a stop-gradient. Each loss is a mean over the batch's pairs and returns
 β h as `rewards`, the values TRL logs as `rewards/chosen`, `rewards/rejected`, ...
+
+Each takes the DPOTrainer modifiers TRL 1.16 allows on it (see dpo.py and `Modifiers`): `ld_alpha`
+all of them, `use_weighting` all but the sorting AOT losses, `f_divergence` those of the chosen −
+rejected score difference (robust_dpo, discopop, sigmoid_norm).
 """
 
 from __future__ import annotations
@@ -16,8 +20,20 @@ import torch
 from torch import Tensor
 
 from prefkit.errors import UserError
-from prefkit.objectives.base import Groups, LossOutput, Needs, Objective, logsigmoid, objective, register
-from prefkit.objectives.dpo import PAIRS, margin
+from prefkit.objectives.base import (
+    Groups,
+    LossOutput,
+    Needs,
+    Objective,
+    logsigmoid,
+    objective,
+    options_of,
+    register,
+)
+from prefkit.objectives.dpo import ALL_MODIFIERS, PAIRS, margin, score_margin
+from prefkit.objectives.modifiers import Modifiers
+
+LD_WPO = ("ld_alpha", "use_weighting")
 
 
 def _implicit_rewards(g: Groups, beta: float) -> Tensor:
@@ -35,7 +51,7 @@ def _smoothed_logistic(z: Tensor, eps: float) -> Tensor:
     return -(1 - eps) * logsigmoid(z) - eps * logsigmoid(-z)
 
 
-@objective("nca_pair", needs=PAIRS)
+@objective("nca_pair", needs=PAIRS, modifiers=LD_WPO)
 def nca_pair(g: Groups, beta: float = 0.1) -> LossOutput:
     """NCA for pairwise preferences (Chen et al. 2024, "Noise Contrastive Alignment of Language
     Models with Explicit Rewards", §4.1): with r = β h,
@@ -44,20 +60,21 @@ def nca_pair(g: Groups, beta: float = 0.1) -> LossOutput:
     the margin, so it does not push the chosen completion's likelihood down with the rejected one."""
     r = beta * g.logratios
     loss = -logsigmoid(r[:, 0]) - 0.5 * logsigmoid(-r[:, 0]) - 0.5 * logsigmoid(-r[:, 1])
-    return LossOutput(loss.mean(), rewards=_implicit_rewards(g, beta))
+    return LossOutput(g.reduce(loss), rewards=_implicit_rewards(g, beta))
 
 
-@objective("robust_dpo", needs=PAIRS)
+@objective("robust_dpo", needs=PAIRS, modifiers=ALL_MODIFIERS)
 def robust_dpo(g: Groups, beta: float = 0.1, label_smoothing: float = 0.1) -> LossOutput:
     """Robust DPO, rDPO (Chowdhury et al. 2024, "Provably Robust DPO", §3.1): the unbiased
     estimate of the clean-label DPO loss when each label is flipped with probability ε,
         [(1−ε)(−log σ(β d)) − ε(−log σ(−β d))] / (1 − 2ε).
     cDPO (objective=cdpo) *adds* the flipped term; rDPO subtracts it and rescales, so its gradient
-    is DPO's whenever the labels are clean in expectation. ε = 0 is DPO."""
+    is DPO's whenever the labels are clean in expectation. ε = 0 is DPO. (d → ψ_w − ψ_l under an
+    f-divergence.)"""
     eps = _smoothing("robust_dpo", label_smoothing)
-    z = beta * margin(g)
+    z = beta * score_margin(g)
     loss = (-(1 - eps) * logsigmoid(z) + eps * logsigmoid(-z)) / (1 - 2 * eps)
-    return LossOutput(loss.mean(), rewards=_implicit_rewards(g, beta))
+    return LossOutput(g.reduce(loss), rewards=_implicit_rewards(g, beta))
 
 
 @register("bco_pair")
@@ -73,13 +90,17 @@ class BCOPair(Objective):
     during evaluation), is part of the checkpoint, and a skipped step (non-finite loss) undoes the
     updates of its micro-batches.
 
-    `reward_shift: false` drops δ (δ ≡ 0): TRL ≥ 1.0's `bco_pair`, which no longer has it."""
+    `reward_shift: false` drops δ (δ ≡ 0): TRL ≥ 1.0's `bco_pair`, which no longer has it.
+    `ld_alpha` and `use_weighting` as for DPO (δ is then the mean of the desensitised rewards)."""
 
     logs = ("bco_pair/delta",)
+    modifier_options = options_of(LD_WPO)
 
-    def __init__(self, beta: float = 0.1, reward_shift: bool = True):
+    def __init__(self, beta: float = 0.1, reward_shift: bool = True, ld_alpha: float | None = None,
+                 use_weighting: bool = False):
         self.beta, self.reward_shift = float(beta), bool(reward_shift)
-        self.needs = Needs(reference="logps", group_size=2)
+        self.modifiers = Modifiers.parse("bco_pair", ld_alpha=ld_alpha, use_weighting=use_weighting)
+        self.needs = self.modifiers.widen(Needs(reference="logps", group_size=2), "bco_pair")
         self.delta, self.count = 0.0, 0
         self._step_start: tuple[float, int] | None = None  # the state before this optimizer step's batches
         self.accelerator = None
@@ -105,12 +126,13 @@ class BCOPair(Objective):
         self.count = count
 
     def loss(self, g: Groups) -> LossOutput:
+        g = self.modifiers.prepare(g)
         r = self.beta * g.logratios
         if self.reward_shift and g.training:
             self.update(r)
         delta = self.delta if self.reward_shift else 0.0
         loss = -logsigmoid(r[:, 0] - delta) - logsigmoid(-(r[:, 1] - delta))
-        return LossOutput(loss.mean(), rewards=_implicit_rewards(g, self.beta), metrics={"bco_pair/delta": delta})
+        return LossOutput(g.reduce(loss), rewards=_implicit_rewards(g, self.beta), metrics={"bco_pair/delta": delta})
 
     def on_optimizer_step(self, accelerator) -> dict[str, float]:
         self._step_start = None
@@ -130,7 +152,7 @@ class BCOPair(Objective):
         self._step_start = None
 
 
-@objective("sppo_hard", needs=PAIRS)
+@objective("sppo_hard", needs=PAIRS, modifiers=LD_WPO)
 def sppo_hard(g: Groups, beta: float = 0.1) -> LossOutput:
     """SPPO with hard probabilities (Wu et al. 2024, "Self-Play Preference Optimization",
     Algorithm 1, Eq. 4.7 with P̂(y_w ≻ π) = 1 and P̂(y_l ≻ π) = 0, η = 1/β):
@@ -138,10 +160,10 @@ def sppo_hard(g: Groups, beta: float = 0.1) -> LossOutput:
     Each completion's log-ratio is regressed onto its own target, ±1/(2β), as in TRL."""
     target = 0.5 / beta
     loss = (g.logratios[:, 0] - target) ** 2 + (g.logratios[:, 1] + target) ** 2
-    return LossOutput(loss.mean(), rewards=_implicit_rewards(g, beta))
+    return LossOutput(g.reduce(loss), rewards=_implicit_rewards(g, beta))
 
 
-@objective("aot", needs=PAIRS)
+@objective("aot", needs=PAIRS, modifiers=("ld_alpha",))
 def aot(g: Groups, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
     """AOT, paired (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal
     Transport", §3): first-order stochastic dominance of the policy's log-likelihood margins
@@ -157,7 +179,7 @@ def aot(g: Groups, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutpu
     return LossOutput(_smoothed_logistic(beta * delta, eps).mean(), rewards=_implicit_rewards(g, beta))
 
 
-@objective("aot_unpaired", needs=PAIRS)
+@objective("aot_unpaired", needs=PAIRS, modifiers=("ld_alpha",))
 def aot_unpaired(g: Groups, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
     """AOT, unpaired (Melnyk et al. 2024, §3): dominance of the chosen log-ratios' distribution over
     the rejected ones', quantile by quantile: h_w and h_l are sorted over the micro-batch
@@ -168,43 +190,45 @@ def aot_unpaired(g: Groups, beta: float = 0.1, label_smoothing: float = 0.0) -> 
     return LossOutput(_smoothed_logistic(beta * delta, eps).mean(), rewards=_implicit_rewards(g, beta))
 
 
-@objective("apo_zero", needs=PAIRS)
+@objective("apo_zero", needs=PAIRS, modifiers=LD_WPO)
 def apo_zero(g: Groups, beta: float = 0.1) -> LossOutput:
     """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
     Revisions", Eq. 7): (1 − σ(β h_w)) + σ(β h_l) — raise the chosen likelihood and lower the
     rejected one, each anchored at the reference (for chosen outputs better than the model's)."""
     loss = (1 - torch.sigmoid(beta * g.logratios[:, 0])) + torch.sigmoid(beta * g.logratios[:, 1])
-    return LossOutput(loss.mean(), rewards=_implicit_rewards(g, beta))
+    return LossOutput(g.reduce(loss), rewards=_implicit_rewards(g, beta))
 
 
-@objective("apo_down", needs=PAIRS)
+@objective("apo_down", needs=PAIRS, modifiers=LD_WPO)
 def apo_down(g: Groups, beta: float = 0.1) -> LossOutput:
     """APO-down (D'Oosterlinck et al. 2024, Eq. 8): σ(β h_w) + (1 − σ(β d)) — lower both
     likelihoods, the rejected one more (for chosen outputs worse than the model's)."""
     loss = torch.sigmoid(beta * g.logratios[:, 0]) + (1 - torch.sigmoid(beta * margin(g)))
-    return LossOutput(loss.mean(), rewards=_implicit_rewards(g, beta))
+    return LossOutput(g.reduce(loss), rewards=_implicit_rewards(g, beta))
 
 
-@objective("discopop", needs=PAIRS)
+@objective("discopop", needs=PAIRS, modifiers=ALL_MODIFIERS)
 def discopop(g: Groups, beta: float = 0.05, tau: float = 0.05) -> LossOutput:
     """DiscoPOP, the log-ratio modulated loss (Lu et al. 2024, "Discovering Preference
     Optimization Algorithms with and for Large Language Models", Eq. 5): with z = β d and
     m = σ(z/τ), a blend of the logistic and the exponential loss,
         (1 − m)(−log σ(z)) + m exp(−z).
     The exponential part is computed as exp(log σ(z/τ) − z), the same number without TRL's
-    0 · ∞ = NaN once σ(z/τ) underflows and exp(−z) overflows (β d ≲ −88 in float32)."""
+    0 · ∞ = NaN once σ(z/τ) underflows and exp(−z) overflows (β d ≲ −88 in float32). (d → ψ_w − ψ_l
+    under an f-divergence.)"""
     if tau <= 0:
         raise UserError(f"discopop: tau must be > 0, got {tau}")
-    z = beta * margin(g)
+    z = beta * score_margin(g)
     loss = torch.sigmoid(-z / tau) * -logsigmoid(z) + torch.exp(logsigmoid(z / tau) - z)
-    return LossOutput(loss.mean(), rewards=_implicit_rewards(g, beta))
+    return LossOutput(g.reduce(loss), rewards=_implicit_rewards(g, beta))
 
 
-@objective("sigmoid_norm", needs=PAIRS)
+@objective("sigmoid_norm", needs=PAIRS, modifiers=ALL_MODIFIERS)
 def sigmoid_norm(g: Groups, beta: float = 5.0) -> LossOutput:
     """Length-normalised DPO (Lambert et al. 2024, "Tülu 3", §5.1.2, Eq. 6; the normalisation of
     SimPO, Meng et al. 2024, Eq. 4): −log σ(β (h_w/|y_w| − h_l/|y_l|)).
-    `rewards` stay β h (unnormalised), the values TRL logs for this loss type (as for IPO)."""
-    hbar = g.logratios / g.lengths.clamp(min=1)
+    `rewards` stay β h (unnormalised), the values TRL logs for this loss type (as for IPO). Under an
+    f-divergence h is ψ = f′(π_θ/π_ref), normalised the same way (as TRL)."""
+    hbar = g.scores / g.lengths.clamp(min=1)
     loss = -logsigmoid(beta * (hbar[:, 0] - hbar[:, 1]))
-    return LossOutput(loss.mean(), rewards=_implicit_rewards(g, beta))
+    return LossOutput(g.reduce(loss), rewards=_implicit_rewards(g, beta))

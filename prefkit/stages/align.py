@@ -32,6 +32,8 @@ from prefkit.tokenstats import chunk_setting
 
 def run(cfg: DictConfig) -> float | None:
     """Returns the held-out loss (the value Hydra's Optuna sweeper minimises)."""
+    # options that do not fit together stop the run here, before anything is written
+    objective, sft_weight = build(OmegaConf.to_container(cfg.objective, resolve=True))
     run_path = run_dir(cfg)
     datasource.inherit(cfg, recipe.consumed_sft(cfg, run_path))  # the SFT model's data, unless told otherwise
     out = start_job(cfg)
@@ -39,7 +41,6 @@ def run(cfg: DictConfig) -> float | None:
         summary = job_dir() / "summary.json"
         return json.loads(summary.read_text()).get("eval_loss") if summary.exists() else None
     torch.manual_seed(int(cfg.seed))
-    objective, sft_weight = build(OmegaConf.to_container(cfg.objective, resolve=True))
     needs = diagnostics.widen(objective.needs, cfg.get("diagnostics"))  # the objective's, and the analyses'
 
     init_path, inputs = recipe.policy_init(cfg, run_path)
@@ -109,7 +110,7 @@ class AlignStep:
         b, k = len(indices), len(self.groups[split][indices[0]])
         ref, cached_ref_logps = self.reference.for_batch(batch, split, indices)
         stats, reward_pred = model(**batch, reference=ref, req=needs.tokens, chunk_size=self.chunk,
-                                   recompute=self.recompute)
+                                   recompute=self.recompute, group_size=k)
 
         def view(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.view(b, k)
@@ -121,7 +122,8 @@ class AlignStep:
                    kl=view(stats.kl), reverse_kl=view(stats.reverse_kl),
                    mixture_logps={lam: view(t) for lam, t in stats.mixture_logps.items()},
                    rewards=None if rewards is None else rewards[indices].to(self.device),
-                   reward_pred=view(reward_pred),
+                   reward_pred=view(reward_pred), log_sum_sq_probs=view(stats.log_sum_sq_probs),
+                   prefix_logps=view(stats.prefix_logps), ref_prefix_logps=view(stats.ref_prefix_logps),
                    labels=None if labels is None else labels[indices].to(self.device))
         result = self.objective.loss(g)
         loss = result.loss
