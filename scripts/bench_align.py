@@ -53,7 +53,8 @@ import torch.nn.functional as F
 BETA = 0.1
 LR = 1e-6
 DEFAULTS = {"tiny": {"warmup": 2, "steps": 5, "repeats": 4}, "100m": {"warmup": 1, "steps": 1, "repeats": 2},
-            "1m": {"warmup": 2, "steps": 5, "repeats": 4}}
+            "1m": {"warmup": 2, "steps": 5, "repeats": 4}, "410m": {"warmup": 2, "steps": 5, "repeats": 2},
+            "1.4b": {"warmup": 2, "steps": 3, "repeats": 2}}
 IMPLS = ["bare", "prefkit", "trl", "prefkit-cache", "trl-precompute"]
 
 

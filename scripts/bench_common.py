@@ -51,7 +51,12 @@ M100_ARCH = {"vocab_size": 50304, "hidden_size": 640, "num_hidden_layers": 8, "n
 # issue's TRL reference point, where the LM head (not the backbone) dominates a step.
 M1_ARCH = {"vocab_size": 10000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
            "intermediate_size": 256, "max_position_embeddings": 2048, "seed": 0}
-SIZES = {"tiny": TINY_ARCH, "100m": M100_ARCH, "1m": M1_ARCH}
+# Pythia-410m and Pythia-1.4b shapes (random init), for a GPU (scripts/gpu_check.sh).
+M410_ARCH = {"vocab_size": 50304, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+             "intermediate_size": 4096, "max_position_embeddings": 2048, "seed": 0}
+B14_ARCH = {"vocab_size": 50304, "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "intermediate_size": 8192, "max_position_embeddings": 2048, "seed": 0}
+SIZES = {"tiny": TINY_ARCH, "100m": M100_ARCH, "1m": M1_ARCH, "410m": M410_ARCH, "1.4b": B14_ARCH}
 
 
 def set_threads(n: int) -> None:
@@ -167,7 +172,8 @@ class Stopwatch:
 
 def common_args(parser, *, sizes: str = "tiny,100m") -> None:
     parser.add_argument("--sizes", default=sizes,
-                        help="comma-separated: tiny, 100m (and optionally 1m: 1.4M parameters, vocab 10k)")
+                        help="comma-separated: tiny, 100m (and optionally 1m: 1.4M parameters, vocab 10k; "
+                             "410m and 1.4b: Pythia's shapes, for a GPU)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                         help="fp32, or bf16 mixed precision (fp32 master weights)")

@@ -42,7 +42,8 @@ import bench_common as bc
 import torch
 
 TARGET = 4.0
-DEFAULTS = {"tiny": {"repeats": 3}, "100m": {"repeats": 2}, "1m": {"repeats": 3}}
+DEFAULTS = {"tiny": {"repeats": 3}, "100m": {"repeats": 2}, "1m": {"repeats": 3}, "410m": {"repeats": 2},
+            "1.4b": {"repeats": 2}}
 
 
 def sample_settings(args):
