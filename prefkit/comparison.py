@@ -135,7 +135,7 @@ def group(runs: list[Run]) -> list[Series]:
     out = list(series.values())
     _label_series(out)
     for s in out:
-        _label_points(s)
+        _label_points(s, [p for other in out if other.objective == s.objective for p in other.points])
     return out
 
 
@@ -149,14 +149,34 @@ def _label_series(all_series: list[Series]) -> None:
             continue
         settings = [_series_setting(s.points[0].runs[0]) for s in group_]
         keys = sorted({k for st in settings for k in st if len({repr(x.get(k)) for x in settings}) > 1})
+        names = _short_keys(keys)
         for s, st in zip(group_, settings, strict=True):
-            s.label = f"{s.objective} ({', '.join(f'{k.rsplit(chr(46), 1)[-1]}={st.get(k)}' for k in keys)})"
+            s.label = f"{s.objective} ({', '.join(f'{names[k]}={st.get(k)}' for k in keys)})"
 
 
-def _label_points(s: Series) -> None:
-    params = [p.runs[0].params for p in s.points]
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """Each dotted key by its last component, or by as many as tell it apart (dataset.job, rewards.job)."""
+    names = {}
+    for k in keys:
+        parts = k.split(".")
+        n = 1
+        while n < len(parts) and sum(o.split(".")[-n:] == parts[-n:] for o in keys) > 1:
+            n += 1
+        names[k] = ".".join(parts[-n:])
+    return names
+
+
+def _varying(params: list[dict]) -> list[str]:
     keys = sorted({k for d in params for k in d})
-    varying = [k for k in keys if len({repr(d.get(k)) for d in params}) > 1] or (keys if len(s.points) == 1 else [])
+    return [k for k in keys if len({repr(d.get(k)) for d in params}) > 1]
+
+
+def _label_points(s: Series, siblings: list[Point]) -> None:
+    """A point is labelled with the hyperparameters that vary within its series; a series of one
+    point, with those that vary among the points of its objective (nothing, when none do: the
+    legend names the series)."""
+    params = [p.runs[0].params for p in s.points]
+    varying = _varying(params) if len(s.points) > 1 else _varying([p.runs[0].params for p in siblings])
     for p, d in zip(s.points, params, strict=True):
         step = f"@{p.runs[0].step}" if p.runs[0].step is not None else ""
         p.label = ",".join(f"{k}={d[k]}" for k in varying if k in d) + step

@@ -156,7 +156,8 @@ def training_curves(label: str, objective: str, points: dict[str, list[list[dict
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if len(points) > 1:  # one line per panel needs no legend: the title names it
+        axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{label}: mean over seeds (shaded: their range)", fontsize=10)
     fig.tight_layout()
     _save(fig, out, name)

@@ -40,6 +40,20 @@ def test_seeds_make_one_point_and_other_settings_another_series():
     assert point.reward.low < 1.1 < point.reward.high  # the seeds differ: the CI says so
 
 
+def test_single_point_series_name_only_what_differs():
+    """Series of one point each (one setting per label-noise level, say): no label repeats the
+    hyperparameters they all share, and series keys that end alike are told apart."""
+    runs = [run(beta=0.1, seed=s, **{"dataset.job": d, "rewards.job": r})
+            for d, r in (("n0", "o0"), ("n4", "o4")) for s in (0, 1)]
+    series = comparison.group(runs)
+    assert sorted(s.label for s in series) == ["dpo (dataset.job=n0, rewards.job=o0)",
+                                               "dpo (dataset.job=n4, rewards.job=o4)"]
+    assert [p.label for s in series for p in s.points] == ["", ""]
+    # one point per series, but the objective's points differ in β: β names them
+    other = comparison.group([run(beta=0.1, **{"dataset.job": "n0"}), run(beta=0.3, **{"dataset.job": "n4"})])
+    assert sorted(p.label for s in other for p in s.points) == ["beta=0.1", "beta=0.3"]
+
+
 def test_one_setting_and_seed_judged_twice_cannot_be_grouped():
     with pytest.raises(UserError, match=r"judge/eval\) and .*judge/again\) are one setting and seed \(0\)"):
         comparison.group([run(judge="again"), run(judge="eval")])
