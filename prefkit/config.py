@@ -156,7 +156,13 @@ def _dry_run(stage: str, overrides: list[str]) -> str:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         variants = override_variants(overrides)
-        text = "\n".join(dry_run(stage, compose_checked(stage, v), v) for v in variants[:1])
+        configs = [compose_checked(stage, v) for v in variants]
+        if stage == "align":  # a dry run may import torch: build each objective, so its options are checked too
+            from prefkit.objectives import build
+
+            for cfg in configs:
+                build(OmegaConf.to_container(cfg.objective, resolve=True))
+        text = "\n".join(dry_run(stage, cfg, v) for cfg, v in zip(configs[:1], variants[:1], strict=True))
     GlobalHydra.instance().clear()
     more = f"\n(and {len(variants) - 1} more job(s) of this sweep)" if len(variants) > 1 else ""
     return text + more

@@ -118,6 +118,10 @@ def test_dry_run_says_what_it_would_write_and_read_and_writes_nothing(tmp_path):
     assert "the policy's start: (not yet: no completed sft job" in out
     assert "lr: 5.0e-05" in out or "lr: 5e-05" in out or "lr: 0.0" in out  # a number, not ${model.lr.align}
     assert "${" not in out and not (tmp_path / "outputs").exists()
+    # the objective is built, so options that do not fit together are caught by the dry run too
+    bad = prefkit("align", "objective=dpo", "objective.f_divergence=js", "objective.f_alpha=0.3", "--dry-run",
+                  cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "f_alpha=0.3 is used only with f_divergence=alpha" in bad.stderr
 
 
 def test_cfg_job_shows_values_not_interpolations(tmp_path):
