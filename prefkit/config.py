@@ -411,7 +411,8 @@ def execute(stage: str, args: list[str], load_task: Callable[[], Callable[[DictC
         ran.append(out)
 
     argv = sys.argv
-    sys.argv = [f"prefkit {stage}", *flags, *extra, *overrides]
+    sweep = "-m" in flags or "--multirun" in flags
+    sys.argv = [f"prefkit {stage}", *flags, *extra, *(under_swept_groups(overrides) if sweep else overrides)]
     try:
         _entry()
     except _Abort as abort:
@@ -419,6 +420,21 @@ def execute(stage: str, args: list[str], load_task: Callable[[], Callable[[DictC
     finally:
         sys.argv = argv
     return ran
+
+
+def under_swept_groups(overrides: list[str]) -> list[str]:
+    """Hydra composes a sweep's base config with the group's default option before it sweeps the
+    group, so `-m objective=exo_rw,dpo_rw objective.beta_r=0.1` fails there (the default, dpo, has no
+    beta_r) though every job has the key. Every job was composed and checked by `validate`, so values
+    under a swept group are passed as `++key=value` (set, adding if absent): the same for each job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override() and _is_group(o.key_or_group)}
+    if not swept:
+        return overrides
+    return [f"++{o}" if not o.startswith(("+", "~")) and o.split("=", 1)[0].split(".", 1)[0] in swept
+            and "." in o.split("=", 1)[0] else o for o in overrides]
 
 
 def run_stage(stage: str, args: list[str], load_task: Callable[[], Callable[[DictConfig], Any]],
