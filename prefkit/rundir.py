@@ -101,11 +101,16 @@ def flat(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(old: DictConfig | dict, new: DictConfig | dict, limit: int = 4) -> list[str]:
+def config_differences(old: DictConfig | dict, new: DictConfig | dict, limit: int = 4,
+                       named: set[str] | None = None) -> list[str]:
     """The keys whose values differ between two configs' identities, as 'key: old -> new' (changed
-    values first, then keys that only one of them has)."""
+    values first, then keys that only one of them has). With `named` (the keys the new command
+    sets), a key the old config lacks and the command does not set is not a difference: an option
+    added to prefkit since the old job ran, at its default (defaults of new options keep the old
+    behaviour)."""
     a, b = flat(identity(old)), flat(identity(new))
-    keys = sorted((k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>")),
+    keys = sorted((k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>")
+                   and not (named is not None and k not in a and k not in named)),
                   key=lambda k: (k not in a or k not in b, k))
     shown = [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in keys[:limit]]
     return shown + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
@@ -345,6 +350,17 @@ def stale_inputs(lineage: dict) -> list[str]:
     return out
 
 
+def _named_keys() -> set[str]:
+    """The keys the command line sets (value overrides, not group choices)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:  # not inside a Hydra job
+        return set()
+    return {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+
+
 def start_job(cfg: DictConfig, incremental: bool = False) -> Path | None:
     """Open the current job directory: None if it is already complete (and overwrite is off),
     else the path, emptied first when overwrite=true, with the resolved config written.
@@ -361,7 +377,7 @@ def start_job(cfg: DictConfig, incremental: bool = False) -> Path | None:
         _empty(out)
     elif (out / "config.yaml").exists():
         previous = OmegaConf.load(out / "config.yaml")
-        diff = config_differences(previous, cfg)
+        diff = config_differences(previous, cfg, named=_named_keys())
         if diff:
             state = "complete" if (out / LINEAGE).exists() else "started (and can resume)"
             raise UserError(f"{out} is a {state} job with another config ({'; '.join(diff)}); rerun with its "

@@ -230,3 +230,18 @@ def test_safetensors_files_are_readable_by_the_group(sft_run):
     assert files
     for path in files:
         assert path.stat().st_mode & stat.S_IRGRP, path
+
+
+def test_an_option_added_since_a_job_ran_at_its_default_is_not_another_config():
+    """A job written before objectives gained an option (dpo's f_divergence, say) still counts as
+    the same config when the option is at its default; set on the command line, it differs."""
+    from prefkit.rundir import config_differences
+
+    old = {"stage": "align", "objective": {"name": "dpo", "beta": 0.1}}
+    new = {"stage": "align", "objective": {"name": "dpo", "beta": 0.1, "f_divergence": "reverse_kl"}}
+    assert config_differences(old, new, named={"objective.beta"}) == []
+    assert config_differences(old, new, named={"objective.f_divergence"}) == [
+        "objective.f_divergence: <absent> -> reverse_kl"]
+    assert config_differences(old, new) == ["objective.f_divergence: <absent> -> reverse_kl"]
+    changed = {"stage": "align", "objective": {"name": "dpo", "beta": 0.2}}
+    assert config_differences(old, changed, named=set()) == ["objective.beta: 0.1 -> 0.2"]
