@@ -25,32 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from prefkit import rundir
 
 
 @dataclass(frozen=True)
-class Job:
-    """A job directory of a run (<run.root>/<run.name>/<stage>/<job>) and what it wrote."""
-
-    path: Path
-
-    @property
-    def stage(self) -> str:
-        return self.path.parent.name
-
-    @property
-    def name(self) -> str:
-        return self.path.name
+class Job(rundir.Job):
+    """A job directory of a run (<run.root>/<run.name>/<stage>/<job>) and what it wrote: its
+    `stage`, `name`, `config` and `lineage()` (prefkit.rundir.Job), and the readers below."""
 
     @property
     def summary(self) -> dict[str, Any]:
         """summary.json ({} for a stage that writes none)."""
         file = self.path / "summary.json"
         return json.loads(file.read_text()) if file.exists() else {}
-
-    @property
-    def config(self) -> DictConfig:
-        return OmegaConf.load(self.path / "config.yaml")
 
     def metrics(self):
         """The training log (metrics.jsonl) as a DataFrame, one row per logged step."""

@@ -98,7 +98,7 @@ def _one_point(series: list[Series], selector: dict, what: str) -> Point:
 def _jobs(run: Path, selector: dict) -> list[Job]:
     out = []
     for job in jobs(run, "align"):
-        cfg = job.config()
+        cfg = job.config
         objective = dict(cfg.objective)
         if matches(selector, str(objective.get("name")), objective, flat(_container(cfg))):
             out.append(job)

@@ -37,7 +37,7 @@ def inherit(cfg: DictConfig, earlier: Job | None) -> None:
     """Give `cfg` the dataset of the `earlier` job it reads, or refuse a silent mismatch."""
     if earlier is None or not cfg.get("inherit_dataset", True) or not (earlier.path / "config.yaml").exists():
         return
-    theirs = earlier.config().get("dataset")
+    theirs = earlier.config.get("dataset")
     if theirs is None or source(theirs) == source(cfg.dataset) or str(cfg.dataset.name) == "labeled":
         return
     if named_dataset():

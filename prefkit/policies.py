@@ -85,7 +85,7 @@ def describe(policy: Policy) -> dict:
     info: dict = {"policy": policy.key, "path": policy.path, "reference": policy.reference, "step": policy.step}
     if policy.job is None:
         return {**info, "objective": "external", "stage": "external"}
-    cfg: DictConfig = policy.job.config()
+    cfg: DictConfig = policy.job.config
     info["stage"] = policy.job.stage
     info["seed"] = int(cfg.get("seed", 0))
     # what the job computed, but its seed (and the diagnostics it logged besides): jobs equal in this are

@@ -259,6 +259,7 @@ class Job:
     def done(self) -> bool:
         return (self.path / LINEAGE).exists()
 
+    @property
     def config(self) -> DictConfig:
         return OmegaConf.load(self.path / "config.yaml")
 

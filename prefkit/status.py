@@ -76,7 +76,7 @@ def headline(job: Job, scores: dict, wins: dict) -> str:
     if job.stage == "sample":
         return f"{len(_read(job.path / 'policies.json'))} policies sampled"
     if job.stage == "judge":
-        task = job.config().judge.task if (job.path / "config.yaml").exists() else "?"
+        task = job.config.judge.task if (job.path / "config.yaml").exists() else "?"
         return f"task {task}" + (f", {len(summary['policies'])} policies scored" if "policies" in summary else "")
     if job.stage == "frontier" and "points" in summary:
         return f"{len(summary['points'])} points"

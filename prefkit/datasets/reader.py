@@ -219,16 +219,7 @@ def _open(src: Mapping, split: str, ds: Mapping, where: str):
     data_files = plain(src.get("data_files"))
     if data_files and not isinstance(data_files, Mapping):
         data_files = {"train": data_files}
-    if splits.get("eval") is None and data_files and "eval" in data_files:
-        splits["eval"] = "eval"  # an eval file given beside the train file is used, not carved
-    hub_split, carve = splits.get(split), None
-    if hub_split is None:
-        if split == "train" or splits.get("train") is None:
-            raise UserError(f"{where}: set splits.train (the source split to train on)")
-        hub_split, carve = splits["train"], "eval"
-    elif split == "train" and splits.get("eval") is None:
-        carve = "train"
-    hub_split = str(hub_split)
+    hub_split, carve = _source_split(splits, data_files, split, where)
     kwargs: dict[str, Any] = {"split": hub_split, "cache_dir": ds.get("cache_dir")}
     if data_files:
         if hub_split not in data_files:
@@ -271,6 +262,20 @@ def _open(src: Mapping, split: str, ds: Mapping, where: str):
             hint = "; set dataset.splits to existing split names"
         raise UserError(f"{where}: cannot load {desc}: {type(err).__name__}: {first}{hint}") from None
     return table, desc, carve
+
+
+def _source_split(splits: dict, data_files, split: str, where: str) -> tuple[str, str | None]:
+    """The source split that `split` reads, and which side of a carve it keeps (None: no carve)."""
+    if splits.get("eval") is None and data_files and "eval" in data_files:
+        splits["eval"] = "eval"  # an eval file given beside the train file is used, not carved
+    hub_split, carve = splits.get(split), None
+    if hub_split is None:
+        if split == "train" or splits.get("train") is None:
+            raise UserError(f"{where}: set splits.train (the source split to train on)")
+        hub_split, carve = splits["train"], "eval"
+    elif split == "train" and splits.get("eval") is None:
+        carve = "train"
+    return str(hub_split), carve
 
 
 def _opener(path: Path):

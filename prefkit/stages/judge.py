@@ -237,7 +237,7 @@ def _baseline(cfg: DictConfig, run_path: Path, samples_job: Job, by_policy: dict
     from prefkit.datasets import load_rows
     from prefkit.models import load_tokenizer
 
-    split = str(samples_job.config().sample.split)
+    split = str(samples_job.config.sample.split)
     first = next(iter(policy_index(samples_job).values()))
     refs = load_rows(cfg.dataset, "prompts", split, run_path, load_tokenizer(first["path"]))
     if not all("reference" in r for r in refs):
@@ -374,7 +374,7 @@ def density(cfg: DictConfig, out: Path, run_path: Path, samples_job: Job, inputs
     rewards = fn([(r["prompt"], r["completion"]) for r in rows])
     tok = load_tokenizer(index[ref_key]["path"])
     by_id = {r["prompt_id"]: {"prompt": r["prompt"]} for r in rows}
-    encoded = dict(encode_prompts(tok, [by_id[p] for p in prompts], samples_job.config().dataset))
+    encoded = dict(encode_prompts(tok, [by_id[p] for p in prompts], samples_job.config.dataset))
     seqs = [Encoded(tuple(encoded[prompts.index(r["prompt_id"])]) + tuple(r["completion_ids"]),
                     len(encoded[prompts.index(r["prompt_id"])])) for r in rows]
     policies = [k for k, e in index.items() if e.get("stage") == "align"]
