@@ -12,7 +12,6 @@ build time; (e) each part's metrics under its name, its state kept, checkpointed
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -25,7 +24,10 @@ from test_modifiers import (
     PREFIX,
     REF,
     REF_PREFIX,
+    close,
     desensitised,
+    logsig,
+    mean,
     prefkit_side,
     tiny_trl,  # noqa: F401  (a fixture)
     token_data,  # noqa: F401  (a fixture)
@@ -61,22 +63,7 @@ def mix(*parts: dict, **options) -> Mix:
     return obj
 
 
-def close(actual, expected, tol=TOL):
-    actual = float(actual.detach() if isinstance(actual, torch.Tensor) else actual)
-    assert math.isfinite(actual)
-    assert actual == pytest.approx(expected, rel=tol, abs=tol), (actual, expected)
-
-
-# --- independent scalar maths -------------------------------------------------------------------
-
-def logsig(x: float) -> float:
-    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
-
-
-def mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs)
-
+# --- independent scalar maths (close, logsig, mean: tests/test_modifiers.py) ------------------
 
 def hs(logps=LOGPS, ref=REF):
     return [(lp[0] - rf[0], lp[1] - rf[1]) for lp, rf in zip(logps, ref, strict=True)]
