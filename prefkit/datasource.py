@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from prefkit.console import console
 from prefkit.errors import UserError
-from prefkit.rundir import Job
+from prefkit.rundir import Job, command_keys
 
 # What makes two dataset configs the same data (sizes, lengths and seeds may differ).
 SOURCE_KEYS = ("name", "path", "config_name", "data_dir", "data_files")
@@ -24,13 +24,7 @@ def source(ds: DictConfig) -> dict:
 
 def named_dataset() -> bool:
     """Whether the command line sets the dataset (dataset=..., dataset.x=...)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        overrides = HydraConfig.get().overrides.task
-    except ValueError:  # not inside a Hydra job
-        return False
-    return any(o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "dataset" for o in overrides)
+    return any(key.split(".", 1)[0] == "dataset" for key in command_keys())
 
 
 def inherit(cfg: DictConfig, earlier: Job | None) -> None:

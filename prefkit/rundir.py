@@ -351,8 +351,8 @@ def stale_inputs(lineage: dict) -> list[str]:
     return out
 
 
-def _named_keys() -> set[str]:
-    """The keys the command line sets (value overrides, not group choices)."""
+def command_keys() -> set[str]:
+    """The keys the command line sets, group choices included (`dataset`, `objective.beta`)."""
     from hydra.core.hydra_config import HydraConfig
 
     try:
@@ -378,7 +378,7 @@ def start_job(cfg: DictConfig, incremental: bool = False) -> Path | None:
         _empty(out)
     elif (out / "config.yaml").exists():
         previous = OmegaConf.load(out / "config.yaml")
-        diff = config_differences(previous, cfg, named=_named_keys())
+        diff = config_differences(previous, cfg, named=command_keys())
         if diff:
             state = "complete" if (out / LINEAGE).exists() else "started (and can resume)"
             raise UserError(f"{out} is a {state} job with another config ({'; '.join(diff)}); rerun with its "
