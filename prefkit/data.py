@@ -197,21 +197,42 @@ def collate_left(prompts: list[tuple[int, ...]], pad_id: int) -> dict[str, Tenso
 
 class EpochSampler:
     """Deterministic shuffled order, epoch after epoch; its position is part of the checkpoint,
-    so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    so a resumed run sees exactly the batches the uninterrupted run would have seen.
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
+    With `lengths` (train.group_by_length), each epoch's batches hold examples of similar length,
+    as HF's LengthGroupedSampler makes them: the shuffled order is cut into windows of
+    GROUP_WINDOW batches, each window sorted by length (longest first) and cut into batches, and
+    the batches shuffled again, so that lengths do not trend through the epoch. A batch's
+    micro-batches are then of similar length too. The examples of an epoch (and the ragged tail
+    it drops) are those of the ungrouped order."""
+
+    GROUP_WINDOW = 50
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, lengths: list[int] | None = None):
         if n < batch_size:
             raise UserError(f"only {n} training examples for a global batch of {batch_size}; "
                             "lower the batch size or add data")
-        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} examples")
+        self.n, self.batch_size, self.seed, self.shuffle, self.lengths = n, batch_size, seed, shuffle, lengths
         self.epoch, self.cursor = 0, 0
         self._order = self._make_order()
 
     def _make_order(self) -> list[int]:
         order = list(range(self.n))
+        rng = random.Random(f"{self.seed}/{self.epoch}")
         if self.shuffle:
-            random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
-        return order
+            rng.shuffle(order)
+        if self.lengths is None:
+            return order
+        used, tail = order[:self.batches_per_epoch * self.batch_size], order[self.batches_per_epoch * self.batch_size:]
+        window = self.GROUP_WINDOW * self.batch_size
+        batches = []
+        for start in range(0, len(used), window):
+            part = sorted(used[start:start + window], key=lambda i: -self.lengths[i])  # stable: ties keep their order
+            batches += [part[b:b + self.batch_size] for b in range(0, len(part), self.batch_size)]
+        rng.shuffle(batches)
+        return [i for batch in batches for i in batch] + tail
 
     @property
     def batches_per_epoch(self) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from prefkit import packing
 from prefkit.tokenstats import (
     LOGPS_ONLY,
     Head,
@@ -32,7 +33,12 @@ def backbone(model: nn.Module) -> nn.Module:
 
 
 def final_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    return backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    """[N, T, H] final hidden states of a right-padded batch; padding-free when the backbone was
+    packed (prefkit.packing.enable), padded otherwise."""
+    body = backbone(model)
+    if packing.is_enabled(body) and packing.is_right_padded(attention_mask):
+        return packing.packed_hidden(body, input_ids, attention_mask)
+    return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 @torch.no_grad()

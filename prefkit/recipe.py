@@ -12,12 +12,13 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from prefkit import packing
 from prefkit.console import console
 from prefkit.data import Encoded, check_unknown, encode, encode_options
 from prefkit.datasets import load_rows, with_mismatched
 from prefkit.errors import UserError
 from prefkit.models import load_model, resolve_model_path, save_policy
-from prefkit.modules import StatsLM
+from prefkit.modules import StatsLM, backbone
 from prefkit.objectives import Needs
 from prefkit.rundir import Job, job_input, require_job
 from prefkit.stateful import Stateful
@@ -75,6 +76,11 @@ def to_groups(rows: list[dict], needs: Needs, name: str) -> list[dict]:
     return rows
 
 
+def group_lengths(groups: list[list[Encoded]]) -> list[int]:
+    """Each group's width in a padded batch: its longest sequence."""
+    return [max(len(s.ids) for s in g) for g in groups]
+
+
 def encode_groups(rows: list[dict], tokenizer, ds: DictConfig, split: str) -> list[list[Encoded]]:
     opts = encode_options(ds)
     groups = [[encode(tokenizer, r["prompt"], c, where=f" in {split} row {i}", **opts) for c in r["completions"]]
@@ -87,10 +93,12 @@ def encode_groups(rows: list[dict], tokenizer, ds: DictConfig, split: str) -> li
 
 def prepare_model(cfg: DictConfig, path: str, reward_head: bool = False) -> StatsLM:
     """The trainable model: the model config's dtype, LoRA when asked (cfg.peft), gradient
-    checkpointing when the hardware config turns it on, and a scalar reward head when asked."""
+    checkpointing and padding-free packing when the hardware config turns them on, and a scalar
+    reward head when asked."""
     lm = load_model(cfg.model, path, "policy", cfg.peft)
     if cfg.hardware.get("gradient_checkpointing"):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    packing.enable(backbone(lm), cfg.hardware.get("packing", False))
     return StatsLM(lm, reward_head=reward_head)
 
 
@@ -124,10 +132,12 @@ def evaluator(step: StepFn, n: int, micro_batch: int) -> EvalFn:
     return evaluate
 
 
-def train(cfg: DictConfig, out: Path, module: nn.Module, accelerator, n_train: int, loss_fn: LossFn,
+def train(cfg: DictConfig, out: Path, module: nn.Module, accelerator, train_lengths: list[int], loss_fn: LossFn,
           eval_fn: EvalFn | None, save_fn: SaveFn, stateful: dict[str, Stateful] | None = None) -> dict[str, float]:
-    """Fit (resuming if a checkpoint exists), then write the final model to <out>/model."""
-    trainer = Trainer(cfg, out, module, accelerator, n_train, loss_fn, eval_fn, save_fn, stateful=stateful or {})
+    """Fit (resuming if a checkpoint exists), then write the final model to <out>/model.
+    `train_lengths`: each training example's tokens (a group's: its longest sequence)."""
+    trainer = Trainer(cfg, out, module, accelerator, len(train_lengths), loss_fn, eval_fn, save_fn,
+                      stateful=stateful or {}, lengths=train_lengths)
     final = trainer.fit()
     trainer.finalize(out / "model")
     return final

@@ -21,12 +21,12 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from prefkit import refcache
+from prefkit import packing, refcache
 from prefkit.data import Encoded
 from prefkit.engine import is_sharded, prepare_reference
 from prefkit.errors import UserError
 from prefkit.models import freeze, is_peft, load_model
-from prefkit.modules import ShardableReference, reference_hidden
+from prefkit.modules import ShardableReference, backbone, reference_hidden
 from prefkit.objectives import Needs
 from prefkit.tokenstats import Reference
 
@@ -136,6 +136,7 @@ def choose(s: Setup) -> ReferenceStrategy:
 def _load(s: Setup, sharded: bool) -> nn.Module:
     """The frozen initial model, placed for the engine."""
     lm = freeze(load_model(s.cfg.model, s.init_path, "reference"))
+    packing.enable(backbone(lm), s.cfg.hardware.get("packing", False))
     if sharded:
         return prepare_reference(s.accelerator, ShardableReference(lm), s.cfg.hardware, s.cfg.model)
     return lm.to(s.accelerator.device)

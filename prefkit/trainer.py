@@ -110,6 +110,7 @@ class Trainer:
     save_fn: SaveFn | None = None
     stateful: dict[str, Stateful] = field(default_factory=dict)
     on_step: Callable[[int], None] | None = None  # called after every optimizer step (benchmarks time it)
+    lengths: list[int] | None = None  # each training example's tokens, for train.group_by_length
 
     def __post_init__(self) -> None:
         t = self.cfg.train
@@ -119,7 +120,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _schedule(str(t.scheduler), int(t.warmup_steps), self.plan.total_steps))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self.sampler = EpochSampler(self.n_train, self.plan.batch_size, int(self.cfg.seed))
+        group = bool(t.get("group_by_length", False))
+        if group and self.lengths is None:
+            raise ValueError("train.group_by_length needs the training examples' lengths")
+        self.sampler = EpochSampler(self.n_train, self.plan.batch_size, int(self.cfg.seed),
+                                    lengths=self.lengths if group else None)
         self.step = 0
         self.skipped = 0
         self.bad_in_a_row = 0

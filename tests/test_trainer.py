@@ -1,5 +1,6 @@
 """The shared training loop: exact resume, non-finite-loss handling, schedules."""
 
+import random
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from prefkit import synthetic
-from prefkit.data import collate, encode
+from prefkit.data import EpochSampler, collate, encode
 from prefkit.embedded import embedded_dir
 from prefkit.engine import make_accelerator
 from prefkit.errors import UserError
@@ -54,7 +55,16 @@ def _setup(tmp_path: Path, cfg, fail_at=None, poison=None, interrupt_at=None):
             loss = loss * float("nan")
         return loss, {"num_tokens": int(stats.lengths.sum())}
 
-    trainer = Trainer(cfg, tmp_path / "job", model, make_accelerator(cfg.hardware), len(seqs), loss_fn)
+    trainer = Trainer(cfg, tmp_path / "job", model, make_accelerator(cfg.hardware), len(seqs), loss_fn,
+                      lengths=[len(s.ids) for s in seqs])
+    trainer.seen = []  # the micro-batches' widths, as padded
+    inner = trainer.loss_fn
+
+    def record(model, indices, training):
+        trainer.seen.append(max(len(seqs[i].ids) for i in indices))
+        return inner(model, indices, training)
+
+    trainer.loss_fn = record
     return trainer
 
 
@@ -78,6 +88,43 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     lines = (tmp_path / "b/job/metrics.jsonl").read_text().strip().splitlines()
     assert any('"step": 10' in ln for ln in lines)
+
+
+def test_length_grouped_batches_resume_exactly_and_pad_less(tmp_path):
+    cfg = _cfg(group_by_length=True)
+    straight = _setup(tmp_path / "a", cfg)
+    straight.fit()
+    crashed = _setup(tmp_path / "b", cfg, fail_at=15)
+    with pytest.raises(Killed):
+        crashed.fit()
+    resumed = _setup(tmp_path / "b", cfg)
+    resumed.fit()
+    a, b = _weights(straight), _weights(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert crashed.seen[:14] + resumed.seen[-8:] == straight.seen[:14] + straight.seen[-8:]
+    ungrouped = _setup(tmp_path / "c", _cfg())
+    ungrouped.fit()
+    assert sum(straight.seen) < sum(ungrouped.seen)  # fewer padded columns for the same number of steps
+
+
+def test_length_grouping_keeps_each_epochs_examples_and_is_seeded():
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 500) for _ in range(1003)]
+    plain, grouped = EpochSampler(1003, 10, seed=4), EpochSampler(1003, 10, seed=4, lengths=lengths)
+    for _ in range(3):  # three epochs: the same examples as ungrouped, the same dropped tail
+        a = [plain.next() for _ in range(100)]
+        b = [grouped.next() for _ in range(100)]
+        assert sorted(i for x in a for i in x) == sorted(i for x in b for i in x)
+        spread = [max(lengths[i] for i in x) - min(lengths[i] for i in x) for x in b]
+        assert sum(spread) < 0.2 * sum(max(lengths[i] for i in x) - min(lengths[i] for i in x) for x in a)
+        # no trend through the epoch: long batches are not all at the start
+        widths = [max(lengths[i] for i in x) for x in b]
+        assert sum(widths[:50]) / sum(widths) < 0.6
+    again = EpochSampler(1003, 10, seed=4, lengths=lengths)
+    again.load_state_dict(grouped.state_dict())
+    assert [again.next() for _ in range(120)] == [grouped.next() for _ in range(120)]
+    assert EpochSampler(1003, 10, seed=5, lengths=lengths).next() != EpochSampler(1003, 10, seed=4,
+                                                                                     lengths=lengths).next()
 
 
 def test_ctrl_c_checkpoints_the_last_step_and_the_resume_is_exact(tmp_path):

@@ -73,7 +73,8 @@ def run(cfg: DictConfig) -> float | None:
                      recompute and not is_sharded(accelerator), ref, rewards, sft_weight, needs, cfg.get("diagnostics"),
                      labels)
     final = recipe.train(
-        cfg, out, policy, accelerator, len(groups["train"]), lambda m, idx, training: step(m, "train", idx, training),
+        cfg, out, policy, accelerator, recipe.group_lengths(groups["train"]),
+        lambda m, idx, training: step(m, "train", idx, training),
         recipe.evaluator(lambda m, idx: step(m, "eval", idx, False), len(groups["eval"]),
                          int(cfg.hardware.micro_batch_size)),
         recipe.saver(tokenizer, extra=save_reward_head if needs.reward_head else None), {"objective": objective})

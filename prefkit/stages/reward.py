@@ -72,7 +72,7 @@ def train_member(cfg: DictConfig, member: int, members: int, out: Path, init_pat
         save_reward_head(module, path, state)
         write_reward_meta(path, meta)
 
-    final = recipe.train(cfg, member_out, model, accelerator, len(groups["train"]),
+    final = recipe.train(cfg, member_out, model, accelerator, recipe.group_lengths(groups["train"]),
                          lambda m, idx, training: step(m, "train", idx),
                          recipe.evaluator(lambda m, idx: step(m, "eval", idx), len(groups["eval"]),
                                           int(cfg.hardware.micro_batch_size)),

@@ -52,7 +52,8 @@ def run(cfg: DictConfig) -> None:
         loss = total / max(count, 1)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
 
-    final = recipe.train(cfg, out, model, accelerator, len(train), loss_fn, eval_fn, recipe.saver(tokenizer))
+    final = recipe.train(cfg, out, model, accelerator, [len(s.ids) for s in train], loss_fn, eval_fn,
+                         recipe.saver(tokenizer))
     if accelerator.is_main_process:
         summary = {**final, "unigram_perplexity": unigram_perplexity(train, held_out, len(tokenizer)),
                    "train_examples": len(train), "eval_examples": len(held_out)}
