@@ -191,7 +191,7 @@ def prefkit_cache(reference, groups, pad, device) -> tuple[torch.Tensor, float]:
 # --- TRL ------------------------------------------------------------------------------------------
 
 class TRL:
-    def __init__(self, policy, reference, tok, pairs, args, out: Path, precompute: bool):
+    def __init__(self, policy, reference, tok, pairs, args, out: Path, precompute: bool, max_length: int | None = None):
         import datasets
         from transformers import TrainerCallback
         from trl import DPOConfig, DPOTrainer
@@ -214,6 +214,8 @@ class TRL:
                       dataloader_num_workers=0)
         if args.trl_optim != "default":
             config["optim"] = args.trl_optim
+        if max_length is not None:
+            config["max_length"] = max_length
         data = datasets.Dataset.from_dict({k: [p[k] for p in pairs] for k in ("prompt", "chosen", "rejected")})
         self.precompute_s = 0.0
         original = DPOTrainer._precompute_ref_logps
