@@ -25,6 +25,9 @@ from prefkit.data import IGNORE
 # Logits per chunk when the chunk size is automatic: each [tokens, vocab] float32 tensor of a chunk
 # stays near 256 MB whatever the vocabulary (1,334 tokens at 50k, 523 at 128k, everything at 128).
 CHUNK_ELEMENTS = 2**26
+# hardware.recompute_lm_head=auto keeps a micro-batch's chunk logits for backward (faster) when its
+# response tokens × vocabulary stay below this: about 1 GiB kept in float32 for TDPO's KL
+KEEP_LOGITS_ELEMENTS = 2**27
 
 
 def chunk_tokens(chunk_size: int | None, vocab: int) -> int:

@@ -274,6 +274,7 @@ class Prefkit:
         from prefkit.objectives import build
         from prefkit.reference import Online
         from prefkit.stages.align import AlignStep
+        from prefkit.tokenstats import KEEP_LOGITS_ELEMENTS, Head
         from prefkit.trainer import Trainer
 
         for model in (self.module.lm, self.reference):
@@ -281,9 +282,12 @@ class Prefkit:
         objective, _ = build(dict(self.objective_cfg))
         cfg = ba.prefkit_cfg(self.steps, self.args, self.args.threads)
         cfg.train.group_by_length = self.layout == "grouped"
-        recompute = {"auto": objective.needs.tokens.needs_reference_logits, "true": True, "false": False}
-        step = AlignStep(objective, {"train": self.groups}, self.pad, self.device, None,
-                         recompute[self.args.recompute_lm_head], Online(self.reference))
+        # as the align stage resolves hardware.recompute_lm_head
+        setting = self.args.recompute_lm_head
+        recompute = objective.needs.tokens.needs_reference_logits if setting == "auto" else setting == "true"
+        keep_below = KEEP_LOGITS_ELEMENTS // Head.of(self.module.lm).vocab if setting == "auto" else 0
+        step = AlignStep(objective, {"train": self.groups}, self.pad, self.device, None, recompute,
+                         Online(self.reference), keep_below=keep_below)
         stamps: list[float] = []
 
         def stamp(_step: int) -> None:
@@ -398,7 +402,8 @@ def main() -> None:
                                                       "dpo-grouped, trl")
     parser.add_argument("--trl-optim", default="adamw_torch")
     parser.add_argument("--recompute-lm-head", default="auto", choices=["auto", "true", "false"],
-                        help="prefkit's hardware.recompute_lm_head (auto: for TDPO and ε-DPO)")
+                        help="prefkit's hardware.recompute_lm_head (auto: for TDPO and ε-DPO, when the "
+                             "micro-batch's logits are large)")
     args = parser.parse_args()
     objectives = args.objectives.split(",")
     layouts = [f"{o}-{lay}" for o in objectives for lay in ("padded", "packed")]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from prefkit import synthetic
-from prefkit.data import IGNORE, collate, encode
+from prefkit.data import IGNORE, Encoded, collate, encode
 from prefkit.embedded import embedded_dir
 from prefkit.models import load_causal_lm, load_tokenizer
 from prefkit.modules import StatsLM, final_hidden, sequence_stats
@@ -404,3 +404,25 @@ def test_edpo_bf16_decisions_are_the_official_arithmetic(eps):
     assert torch.equal(got, want), (got != want).sum()
     assert (want != 0).any() and (want == 0).any()  # the bf16 dead zone and decisions beyond it
     assert not torch.equal(prefkit_steps("float32"), want)  # exact maths decides otherwise: the option matters
+
+
+def test_auto_recompute_keeps_the_logits_of_small_micro_batches():
+    """hardware.recompute_lm_head=auto: a micro-batch with fewer response tokens than keep_below keeps
+    its chunk logits for backward (faster); a larger one recomputes them (memory)."""
+    from prefkit.stages.align import AlignStep
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, *args, recompute, **kwargs):
+            seen.append(recompute)
+            raise StopIteration  # nothing after the forward matters here
+
+    objective, _ = build({"name": "tdpo2", "beta": 0.1, "alpha": 0.5})
+    pair = [Encoded((1, 5, 6, 7, 2), 2), Encoded((1, 5, 8, 2), 2)]  # 3 + 2 response tokens
+    for keep_below, recompute, want in ((6, True, False), (5, True, True), (0, True, True), (99, False, False)):
+        step = AlignStep(objective, {"train": [pair]}, 0, torch.device("cpu"), None, recompute,
+                         keep_below=keep_below)
+        with pytest.raises(StopIteration):
+            step(Spy(), "train", [0], True)
+        assert seen.pop() is want, (keep_below, recompute)

@@ -20,14 +20,14 @@ from torch import Tensor, nn
 
 from prefkit import datasource, diagnostics, recipe, reference
 from prefkit.console import console
-from prefkit.data import Encoded, collate
+from prefkit.data import IGNORE, Encoded, collate
 from prefkit.engine import is_sharded, make_accelerator
 from prefkit.errors import UserError
 from prefkit.models import load_tokenizer
 from prefkit.objectives import Groups, Needs, Objective, build, sft_nll, trl_metrics
 from prefkit.rewardmodel import save_reward_head
 from prefkit.rundir import job_dir, job_input, require_job, run_dir, start_job, write_json, write_lineage
-from prefkit.tokenstats import chunk_setting
+from prefkit.tokenstats import KEEP_LOGITS_ELEMENTS, Head, chunk_setting
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -65,13 +65,15 @@ def run(cfg: DictConfig) -> float | None:
                                            run_path, tokenizer.pad_token_id, chunk, inputs))
     objective.bind(accelerator=accelerator, policy=policy.lm, reference=ref.module)
 
-    # recompute the LM head in backward when the reference's full distribution is used (memory), except
-    # under a sharding engine, which owns the weights between forward and backward
-    recompute = needs.tokens.needs_reference_logits if cfg.hardware.get("recompute_lm_head", "auto") == "auto" \
-        else bool(cfg.hardware.recompute_lm_head)
+    # recompute the LM head in backward when the reference's full distribution is used (memory) and the
+    # micro-batch's logits are large, except under a sharding engine, which owns the weights between
+    # forward and backward
+    auto = cfg.hardware.get("recompute_lm_head", "auto") == "auto"
+    recompute = needs.tokens.needs_reference_logits if auto else bool(cfg.hardware.recompute_lm_head)
+    keep_below = KEEP_LOGITS_ELEMENTS // Head.of(policy.lm).vocab if auto else 0
     step = AlignStep(objective, groups, tokenizer.pad_token_id, accelerator.device, chunk,
                      recompute and not is_sharded(accelerator), ref, rewards, sft_weight, needs, cfg.get("diagnostics"),
-                     labels)
+                     labels, keep_below)
     final = recipe.train(
         cfg, out, policy, accelerator, recipe.group_lengths(groups["train"]),
         lambda m, idx, training: step(m, "train", idx, training),
@@ -102,6 +104,7 @@ class AlignStep:
     needs: Needs | None = None  # what to compute: the objective's needs, widened by the diagnostics
     diagnostics: DictConfig | None = None
     labels: dict[str, Tensor | None] = field(default_factory=dict)  # split -> [N] bool (unpaired rows)
+    keep_below: int = 0  # recompute only micro-batches of at least this many response tokens (auto)
 
     def __call__(self, model: nn.Module, split: str, indices: list[int], training: bool
                  ) -> tuple[Tensor, dict[str, Any]]:
@@ -110,8 +113,9 @@ class AlignStep:
         batch = {k: v.to(self.device) for k, v in collate(seqs, self.pad).items()}
         b, k = len(indices), len(self.groups[split][indices[0]])
         ref, cached_ref_logps = self.reference.for_batch(batch, split, indices)
+        recompute = self.recompute and int((batch["labels"][:, 1:] != IGNORE).sum()) >= self.keep_below
         stats, reward_pred = model(**batch, reference=ref, req=needs.tokens, chunk_size=self.chunk,
-                                   recompute=self.recompute, group_size=k)
+                                   recompute=recompute, group_size=k)
 
         def view(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.view(b, k)
