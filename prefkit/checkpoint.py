@@ -122,6 +122,7 @@ class TrainingState:
     optimizer: dict[str, Any] | None = None  # None: the sharding engine wrote it (engine/)
     stateful: dict[str, dict[str, Any]] = field(default_factory=dict)  # objective state and the like
     partial_weights: bool = False  # LoRA: weights.safetensors holds only the trainable tensors
+    config: dict[str, Any] | None = None  # the config identity (rundir.identity); None in older checkpoints
 
 
 def save(folder: Path, weights: dict[str, Tensor], state: TrainingState) -> None:

@@ -31,7 +31,7 @@ from prefkit.console import console, log, progress
 from prefkit.data import EpochSampler
 from prefkit.engine import is_sharded
 from prefkit.errors import UserError
-from prefkit.rundir import MetricsLog, atomic_dir, config_hash, write_json
+from prefkit.rundir import MetricsLog, atomic_dir, command_keys, config_differences, config_hash, identity, write_json
 from prefkit.stateful import Stateful
 
 LossFn = Callable[[nn.Module, list[int], bool], tuple[Tensor, dict[str, Any]]]
@@ -151,7 +151,7 @@ class Trainer:
         if acc.is_main_process:
             state = checkpoint.TrainingState(
                 progress=checkpoint.Progress(self.step, self.skipped, self.bad_in_a_row, self.tokens),
-                config_hash=config_hash(self.cfg), scheduler=self.scheduler.state_dict(),
+                config_hash=config_hash(self.cfg), config=identity(self.cfg), scheduler=self.scheduler.state_dict(),
                 sampler=self.sampler.state_dict(), optimizer=None if sharded else self.optimizer.state_dict(),
                 stateful={k: v.state_dict() for k, v in self.stateful.items()}, partial_weights=bool(frozen))
             checkpoint.save(staging, weights, state)
@@ -179,8 +179,12 @@ class Trainer:
 
     def _restore(self, ckpt: Path, weights: dict[str, Tensor], state: checkpoint.TrainingState) -> None:
         if state.config_hash != config_hash(self.cfg):
-            raise UserError(f"{ckpt} was made with a different config; rerun with the same overrides to resume, "
-                            "or pass overwrite=true to start over")
+            # an option added to prefkit since, left at its default, is no difference (rundir.config_differences)
+            diff = ["not recorded"] if state.config is None else config_differences(
+                state.config, self.cfg, named=command_keys())
+            if diff:
+                raise UserError(f"{ckpt} was made with a different config ({'; '.join(diff)}); rerun with the same "
+                                "overrides to resume, or pass overwrite=true to start over")
         if state.optimizer is None:  # written by a sharding engine: it restores weights and optimizer
             self.accelerator.load_state(str(ckpt / "engine"))
         else:

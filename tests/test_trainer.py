@@ -146,8 +146,23 @@ def test_resume_refuses_a_different_config(tmp_path):
     crashed = _setup(tmp_path, _cfg(), fail_at=9)
     with pytest.raises(Killed):
         crashed.fit()
-    with pytest.raises(UserError, match="different config"):
+    with pytest.raises(UserError, match=r"different config \(train.lr: 0.003 -> 0.01\)"):
         _setup(tmp_path, _cfg(lr=1e-2)).fit()
+
+
+def test_a_job_killed_before_an_option_was_added_resumes(tmp_path):
+    """A checkpoint written before prefkit gained an option resumes when the option is at its default
+    (here, as if train.group_by_length had not existed when the job was killed)."""
+    straight = _setup(tmp_path / "a", _cfg())
+    straight.fit()
+    crashed = _setup(tmp_path / "b", _cfg(), fail_at=15)
+    with pytest.raises(Killed):
+        crashed.fit()
+    resumed = _setup(tmp_path / "b", _cfg(group_by_length=False))
+    resumed.fit()
+    assert resumed.step == 10
+    a, b = _weights(straight), _weights(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
 def test_a_nonfinite_loss_skips_the_step_and_is_counted(tmp_path):
