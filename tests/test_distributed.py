@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -42,23 +43,27 @@ FSDP_CPU = ["hardware=fsdp", "hardware.device=cpu", "hardware.precision=fp32",
             "hardware.fsdp.activation_checkpointing=false"]
 
 
-def _launch(cwd, *args: str) -> None:
+def _launch(cwd, *args: str) -> str:
     env = {**os.environ, "PREFKIT_CONFIG_PATH": str(TEST_CONF), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
            "-m", "prefkit.cli", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def test_fsdp2_on_two_cpu_processes_matches_one_process(sft_run):
     """FSDP2 (fully_shard through accelerate, gloo) with policy and reference sharded: DPO (cached
     reference log-probs computed by the sharded reference), TDPO2 (the reference's log-softmax rows
     from inside its sharded forward) and TR-DPO (the sharded reference updated from the policy
-    every 2 steps) end where one process with the same global batch ends."""
+    every 2 steps) end where one process with the same global batch ends; TR-DPO killed after its
+    step-3 checkpoint and rerun ends where it ended straight through."""
     common = ["run.name=shared", *TINY_ALIGN, STEPS]
     _launch(sft_run, "align", "-m", *common, *FSDP_CPU, "job_prefix=fsdp", "objective=dpo,tdpo2")
-    _launch(sft_run, "align", *common, *FSDP_CPU, "job=fsdp_tr", "objective=tr_dpo", "objective.sync_steps=2")
+    tr_dpo = [*common, *FSDP_CPU, "job=fsdp_tr", "objective=tr_dpo", "objective.sync_steps=2",
+              "train.keep_checkpoints_after_training=true"]
+    _launch(sft_run, "align", *tr_dpo)
     prefkit("align", "-m", *common, "job_prefix=single", "objective=dpo,tdpo2", cwd=sft_run)
     prefkit("align", *common, "job=single_tr", "objective=tr_dpo", "objective.sync_steps=2", cwd=sft_run)
     align = sft_run / "outputs/shared/align"
@@ -78,6 +83,17 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(sft_run):
         assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5, objective
     logged = [json.loads(line) for line in (align / "fsdp_tr/metrics.jsonl").read_text().splitlines()]
     assert any(row.get("tr_dpo/reference_updates") for row in logged)
+
+    # the job as a kill after its step-3 checkpoint leaves it (no final model, not complete), rerun
+    job = align / "fsdp_tr"
+    straight = load_file(job / "model/model.safetensors")
+    shutil.rmtree(job / "model")
+    for name in ("lineage.json", "summary.json", "plan.json"):
+        (job / name).unlink()
+    assert [p.name for p in (job / "checkpoints").iterdir()] == ["step-3"]
+    assert "resumed from" in _launch(sft_run, "align", *tr_dpo)
+    resumed = load_file(job / "model/model.safetensors")
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
 
 
 def _sft_job(root) -> str:
