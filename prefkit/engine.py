@@ -55,6 +55,10 @@ def make_accelerator(hardware: DictConfig, model_cfg: DictConfig | None = None, 
     if distributed in ("fsdp", "deepspeed") and acc.num_processes == 1 and str(hardware.device) == "cpu":
         raise UserError(f"hardware.distributed={distributed} needs GPUs and a launcher "
                         "(accelerate launch --num_processes N -m prefkit.cli ...)")
+    if distributed in ("fsdp", "deepspeed") and not is_sharded(acc):  # accelerate drops DeepSpeed on CPU processes
+        raise UserError(f"hardware.distributed={distributed} did not take effect (accelerate runs these processes "
+                        f"as {acc.distributed_type.value}); DeepSpeed needs GPUs here: use hardware=fsdp on CPU "
+                        "processes")
     return acc
 
 
