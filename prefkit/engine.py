@@ -56,9 +56,9 @@ def make_accelerator(hardware: DictConfig, model_cfg: DictConfig | None = None, 
         raise UserError(f"hardware.distributed={distributed} needs GPUs and a launcher "
                         "(accelerate launch --num_processes N -m prefkit.cli ...)")
     if distributed in ("fsdp", "deepspeed") and not is_sharded(acc):  # accelerate drops DeepSpeed on CPU processes
-        raise UserError(f"hardware.distributed={distributed} did not take effect (accelerate runs these processes "
-                        f"as {acc.distributed_type.value}); DeepSpeed needs GPUs here: use hardware=fsdp on CPU "
-                        "processes")
+        raise UserError(f"hardware.distributed={distributed} did not take effect (accelerate runs this as "
+                        f"{acc.distributed_type.value}): it needs several processes under a launcher, and DeepSpeed "
+                        "needs GPUs (on CPU processes use hardware=fsdp)")
     return acc
 
 
