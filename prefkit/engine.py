@@ -55,10 +55,10 @@ def make_accelerator(hardware: DictConfig, model_cfg: DictConfig | None = None, 
     if distributed in ("fsdp", "deepspeed") and acc.num_processes == 1 and str(hardware.device) == "cpu":
         raise UserError(f"hardware.distributed={distributed} needs GPUs and a launcher "
                         "(accelerate launch --num_processes N -m prefkit.cli ...)")
-    if distributed in ("fsdp", "deepspeed") and not is_sharded(acc):  # accelerate drops DeepSpeed on CPU processes
+    if distributed in ("fsdp", "deepspeed") and not is_sharded(acc):  # accelerate drops both on CPU processes
         raise UserError(f"hardware.distributed={distributed} did not take effect (accelerate runs this as "
-                        f"{acc.distributed_type.value}): it needs several processes under a launcher, and DeepSpeed "
-                        "needs GPUs (on CPU processes use hardware=fsdp)")
+                        f"{acc.distributed_type.value}): it needs GPUs and several processes under a launcher "
+                        "(on CPU processes use hardware.distributed=ddp)")
     return acc
 
 
