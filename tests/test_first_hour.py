@@ -95,8 +95,11 @@ def test_ctrl_c_says_where_it_stopped_and_the_rerun_resumes(mine):
     args = ["sft", "run.name=stop", "dataset=local", "dataset.data_files=rows.jsonl", *TRAIN, "train.max_steps=200",
             "train.save_every=0", "train.eval_every=0", "job=stop"]
     env = {**os.environ, "PREFKIT_CONFIG_PATH": str(TEST_CONF), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    # a terminal's Ctrl-C: the default SIGINT handling, even when the suite itself was started in the
+    # background by a shell that ignores SIGINT (its children inherit that)
     proc = subprocess.Popen([sys.executable, "-m", "prefkit.cli", *args], cwd=mine, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     job = mine / "outputs/stop/sft/stop"
     deadline = time.time() + 300
     log = job / "metrics.jsonl"
