@@ -404,10 +404,24 @@ def _empty(out: Path) -> None:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Temporary files and directories that a killed writer left (never a finished artifact)."""
+    """Temporary files and directories that a killed writer left (never a finished artifact, nor
+    one a live process is writing: the other ranks of a launch open the same job at the same time)."""
     for item in list(path.rglob(f"*{TMP_MARK}*")) + list(path.rglob("*.tmp")):
+        writer = re.search(rf"{re.escape(TMP_MARK)}(\d+)-", item.name)
+        if writer and _alive(int(writer.group(1))):
+            continue
         if item.exists() and item.name.startswith("."):
             shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class JobBusy(UserError):
