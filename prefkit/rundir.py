@@ -415,6 +415,7 @@ def remove_stale_temporaries(path: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process of this pid runs on this host (it may be another one that reused the pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -446,12 +447,8 @@ def _holder_alive(holder: dict) -> bool | None:
     if holder.get("host") != socket.gethostname():
         return None
     pid = int(holder.get("pid", -1))
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not _alive(pid):
         return False
-    except PermissionError:
-        return True
     started = holder.get("process_start")
     return started is None or _process_start(pid) in (None, started)
 

@@ -37,12 +37,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import logging
 import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -353,20 +351,7 @@ def main() -> None:
                         help="TRL's optim (adamw_torch = torch.optim.AdamW like prefkit; 'default' = TRL's own)")
     args = parser.parse_args()
     wall = bc.Stopwatch()
-    bc.set_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    from prefkit.console import quiet_libraries
-
-    quiet_libraries()
-    logging.getLogger("trl").setLevel(logging.ERROR)
-    from omegaconf import OmegaConf
-
-    from prefkit.engine import make_accelerator
-
-    accelerator = make_accelerator(OmegaConf.create({"device": args.device, "precision": args.dtype,
-                                                     "num_threads": args.threads}))
+    accelerator = bc.start(args)
     import trl
 
     print(f"torch {torch.__version__}, trl {trl.__version__}, threads {torch.get_num_threads()}, "

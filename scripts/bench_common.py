@@ -179,3 +179,24 @@ def common_args(parser, *, sizes: str = "tiny,100m") -> None:
                         help="fp32, or bf16 mixed precision (fp32 master weights)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the benchmark models are saved")
+
+
+def start(args):
+    """What every benchmark does first: torch threads, quiet libraries, and prefkit's accelerator
+    for --device/--dtype."""
+    import logging
+    import warnings
+
+    set_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from omegaconf import OmegaConf
+
+    from prefkit.console import quiet_libraries
+    from prefkit.engine import make_accelerator
+
+    quiet_libraries()
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    return make_accelerator(OmegaConf.create({"device": args.device, "precision": args.dtype,
+                                              "num_threads": args.threads}))

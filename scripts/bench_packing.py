@@ -45,14 +45,12 @@ import ctypes
 import gc
 import gzip
 import json
-import logging
 import os
 import random
 import re
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -409,19 +407,7 @@ def main() -> None:
     layouts = [f"{o}-{lay}" for o in objectives for lay in ("padded", "packed")]
     args.impls = args.impls or ",".join(["limit-seq", "limit-packed", *layouts, "dpo-grouped", "trl"])
     wall = bc.Stopwatch()
-    bc.set_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    from omegaconf import OmegaConf
-
-    from prefkit.console import quiet_libraries
-    from prefkit.engine import make_accelerator
-
-    quiet_libraries()
-    logging.getLogger("trl").setLevel(logging.ERROR)
-    accelerator = make_accelerator(OmegaConf.create({"device": args.device, "precision": args.dtype,
-                                                     "num_threads": args.threads}))
+    accelerator = bc.start(args)
     rows = hh_rows()
     tok = tokenizer(rows, args.cache)
     pairs = encoded_pairs(rows, tok)

@@ -24,7 +24,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -164,18 +163,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=bc.DEFAULT_CACHE)
     args = parser.parse_args()
     args.device, args.dtype, args.trl_optim = "cpu", "fp32", "adamw_torch"
-    bc.set_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    from omegaconf import OmegaConf
-
-    from prefkit.console import quiet_libraries
-    from prefkit.engine import make_accelerator
-
-    quiet_libraries()
-    accelerator = make_accelerator(OmegaConf.create({"device": "cpu", "precision": "fp32",
-                                                     "num_threads": args.threads}))
+    accelerator = bc.start(args)
     wall = bc.Stopwatch()
     ratios = []
     for shape in args.shapes.split(","):
