@@ -14,6 +14,7 @@ import difflib
 import functools
 import hashlib
 import itertools
+import math
 import os
 import re
 import sys
@@ -100,6 +101,7 @@ def register_resolvers() -> None:
 def override_variants(overrides: list[str]) -> list[list[str]]:
     """The override lists of the sweep's jobs (at most a bounded number of them)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -113,6 +115,11 @@ def override_variants(overrides: list[str]) -> list[list[str]]:
                 axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
             except Exception:  # glob() sweeps need a config loader; Hydra checks them itself
                 continue
+        elif isinstance(o.value(), IntervalSweep):  # an optimiser's range: check that both ends compose
+            ends = o.value().start, o.value().end
+            if "int" in o.value().tags:
+                ends = math.ceil(ends[0]), math.floor(ends[1])
+            axes.append([f"{key}={end}" for end in ends])
         elif not o.is_sweep_override():
             axes.append([o.input_line])
     combos = itertools.islice(itertools.product(*axes), _MAX_VALIDATED_COMBINATIONS)
@@ -366,9 +373,9 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-class _Abort(BaseException):
-    """Carries a job's UserError or Stopped out through Hydra, which reports (and exits on) any
-    Exception it sees."""
+class Abort(BaseException):
+    """Carries a job's (or a sweeper's) UserError or Stopped out through Hydra, which reports (and
+    exits on) any Exception it sees."""
 
     def __init__(self, error: Exception):
         super().__init__(str(error))
@@ -393,29 +400,30 @@ def execute(stage: str, args: list[str], load_task: Callable[[], Callable[[DictC
     ran: list[Path] = []
 
     @hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")
-    def _entry(cfg: DictConfig) -> None:
+    def _entry(cfg: DictConfig) -> Any:
         from prefkit.console import mirrored_to
         from prefkit.rundir import JobBusy, discard_if_unstarted, job_dir, job_lock
 
         out = job_dir()
         try:
             with job_lock(out), mirrored_to(out / f"{stage}.log"), stopped_by_signals():
-                task(cfg)
+                value = task(cfg)  # what a sweeper optimises (align: the held-out loss)
         except JobBusy as err:  # the holder's job: touch nothing
-            raise _Abort(err) from None
+            raise Abort(err) from None
         except UserError as err:
             discard_if_unstarted(out)
-            raise _Abort(err) from None
+            raise Abort(err) from None
         except Stopped as stop:
-            raise _Abort(stop) from None
+            raise Abort(stop) from None
         ran.append(out)
+        return value
 
     argv = sys.argv
     sweep = "-m" in flags or "--multirun" in flags
     sys.argv = [f"prefkit {stage}", *flags, *extra, *(under_swept_groups(overrides) if sweep else overrides)]
     try:
         _entry()
-    except _Abort as abort:
+    except Abort as abort:
         raise abort.error from None
     finally:
         sys.argv = argv
