@@ -26,6 +26,10 @@ no weight decay), a constant schedule, gradient clipping at 1.0, and the same pr
   bare-full       (--bare-full) like bare but through the HF models' own forward: full logits at
                   every position and HF's shifted cross-entropy; for information.
 
+Reported beside the times: tokens/s (every token is real), the peak memory of each run over what
+was resident before it, and on a GPU the model FLOPs utilisation (MFU) against its dense bf16 peak
+(PaLM's accounting: 6N + 12LdS FLOPs per trained token, a third of that per reference token).
+
 A step's time is the wall-clock interval between the ends of two consecutive optimizer steps of
 each implementation's own loop (so its per-step bookkeeping counts); the first `warmup` steps of
 every run are dropped. Each repeat runs every implementation once, in rotated order; a time is
@@ -59,21 +63,30 @@ IMPLS = ["bare", "prefkit", "trl", "prefkit-cache", "trl-precompute"]
 # --- data -----------------------------------------------------------------------------------------
 
 def make_pairs(tok, n_pairs: int, prompt_words: int, response_words: int, seed: int) -> list[dict]:
-    """Random word ids (specials excluded), deterministic; text for TRL, Encoded for prefkit."""
+    """Random word ids (specials excluded; with a byte-level BPE, the whole-word tokens), deterministic;
+    text for TRL, Encoded for prefkit."""
     from prefkit.data import Encoded
 
     g = torch.Generator().manual_seed(seed)
     specials = {tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id}
-    words = torch.tensor([i for i in range(len(tok)) if i not in specials])
+    word_level = type(tok.backend_tokenizer.model).__name__ == "WordLevel"
+
+    def whole_word(i: int) -> bool:  # a byte-level BPE token " word" that encodes back to itself alone
+        text = tok.decode([i])
+        return text.startswith(" ") and text[1:].isalpha() and tok(text, add_special_tokens=False).input_ids == [i]
+
+    words = torch.tensor([i for i in range(len(tok)) if i not in specials and (word_level or whole_word(i))])
     pairs = []
     for _ in range(n_pairs):
         ids = [words[torch.randint(len(words), (n,), generator=g)].tolist()
                for n in (prompt_words, response_words, response_words)]
         prompt, chosen, rejected = ids
-        text = [" ".join(tok.convert_ids_to_tokens(x)) for x in ids]
+        # word-level: "w1 w2" and " w3 w4"; byte-level BPE: every token carries its own leading space
+        text = [" " * (word_level and k > 0) + (" ".join(tok.convert_ids_to_tokens(x)) if word_level else tok.decode(x))
+                for k, x in enumerate(ids)]
         enc = [Encoded(tuple([tok.bos_token_id, *prompt, *resp, tok.eos_token_id]), 1 + len(prompt))
                for resp in (chosen, rejected)]
-        pairs.append({"prompt": text[0], "chosen": " " + text[1], "rejected": " " + text[2], "encoded": enc,
+        pairs.append({"prompt": text[0], "chosen": text[1], "rejected": text[2], "encoded": enc,
                       "ids": ids})
     return pairs
 
@@ -234,7 +247,8 @@ class TRL:
         for i, p in enumerate(pairs):
             row = self.trainer.train_dataset[i]
             enc_c, enc_r = p["encoded"]
-            assert list(row["prompt_ids"]) + list(row["chosen_ids"]) == list(enc_c.ids), "TRL tokenized differently"
+            assert list(row["prompt_ids"]) + list(row["chosen_ids"]) == list(enc_c.ids), (
+                "TRL tokenized differently", row["prompt_ids"], row["chosen_ids"], enc_c.ids)
             assert list(row["prompt_ids"]) + list(row["rejected_ids"]) == list(enc_r.ids), "TRL tokenized differently"
             assert len(row["prompt_ids"]) == enc_c.prompt_len
 
@@ -314,6 +328,7 @@ def bench_size(size: str, args, accelerator) -> dict:
             raise SystemExit(f"unknown implementation {name}; valid: {', '.join([*IMPLS, 'bare-full'])}")
 
     times: dict[str, list[float]] = {name: [] for name in impls}
+    peak_mib: dict[str, float] = dict.fromkeys(impls, 0.0)
 
     def run(name: str, r: int) -> None:
         with torch.no_grad():
@@ -321,7 +336,9 @@ def bench_size(size: str, args, accelerator) -> dict:
                 v.copy_(init_state[k])
         policies[name].zero_grad(set_to_none=True)
         gc.collect()
-        stamps = runners[name].run(warmup + steps)
+        with bc.PeakMemory(device) as mem:
+            stamps = runners[name].run(warmup + steps)
+        peak_mib[name] = max(peak_mib[name], mem.mib)
         assert len(stamps) == warmup + steps, (name, len(stamps))
         times[name].extend(bc.intervals(stamps, warmup))
         print(f"  [{size}] repeat {r + 1}/{repeats} {name:15s} "
@@ -332,7 +349,13 @@ def bench_size(size: str, args, accelerator) -> dict:
           f"warmup {warmup}, steps {steps}, repeats {repeats}", flush=True)
     bc.interleave(impls, repeats, run)
     med = {name: bc.median(ts) for name, ts in times.items()}
-    return {"size": size, "params": n, "times": times, "median": med, "extra": extra}
+    # every token is real (no padding); model FLOPs per step: the policy's forward and backward, plus
+    # the reference's forward where the step runs it (not with precomputed reference log-probs)
+    tokens = 2 * args.pairs * args.seq_len
+    train = bc.model_flops_per_token(reference.config, n, args.seq_len) * tokens
+    flops = {name: train * (1 if name in ("prefkit-cache", "trl-precompute") else 4 / 3) for name in impls}
+    return {"size": size, "params": n, "times": times, "median": med, "extra": extra, "tokens": tokens,
+            "flops": flops, "peak_mib": peak_mib}
 
 
 def main() -> None:
@@ -349,6 +372,8 @@ def main() -> None:
     parser.add_argument("--bare-full", action="store_true", help="also time the bare step with full HF logits")
     parser.add_argument("--trl-optim", default="adamw_torch",
                         help="TRL's optim (adamw_torch = torch.optim.AdamW like prefkit; 'default' = TRL's own)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak for MFU (default: looked up from the GPU's name)")
     args = parser.parse_args()
     wall = bc.Stopwatch()
     accelerator = bc.start(args)
@@ -358,18 +383,25 @@ def main() -> None:
           f"device {args.device}, {args.dtype}", flush=True)
     results = [bench_size(size, args, accelerator) for size in args.sizes.split(",") if size]
 
+    peak = bc.bf16_peak(args.device, args.peak_tflops)
     rows = []
     for res in results:
         med = res["median"]
         base = med.get("bare", float("nan"))
         for name, t in med.items():
             ts = res["times"][name]
+            mfu = f"{res['flops'][name] / t / peak:.1%}" if peak else "n/a"
             rows.append([f"{res['size']} ({bc.fmt_params(res['params'])})", name, f"{t:.4f}",
-                         f"{min(ts):.4f}", f"{max(ts):.4f}", len(ts), f"{t / base:.2f}"])
+                         f"{min(ts):.4f}", f"{max(ts):.4f}", len(ts), f"{t / base:.2f}", f"{res['tokens'] / t:.0f}",
+                         f"{res['peak_mib'][name]:.0f}", mfu])
         for k, v in res["extra"].items():
-            rows.append([f"{res['size']} ({bc.fmt_params(res['params'])})", k, f"{v:.3f}", "", "", 1, ""])
+            rows.append([f"{res['size']} ({bc.fmt_params(res['params'])})", k, f"{v:.3f}", "", "", 1, "", "", "", ""])
     bc.print_table("DPO seconds per optimizer step (median over interleaved repeats)",
-                   ["size", "implementation", "median s", "min s", "max s", "n", "/ bare"], rows)
+                   ["size", "implementation", "median s", "min s", "max s", "n", "/ bare", "tok/s", "peak MiB",
+                    "MFU"], rows)
+    print(f"MFU: model FLOPs (6N + 12LdS per trained token, a third of it per reference token) per second over "
+          f"{'the bf16 peak, ' + format(peak / 1e12, '.0f') + ' TFLOP/s' if peak else 'no known peak (CPU)'}; "
+          "peak MiB: the largest rise over what was resident before a run")
 
     def ratio(res, a, b):
         m = res["median"]
@@ -388,6 +420,12 @@ def main() -> None:
         parts["TRL-precompute/prefkit-cache"].append(f"{s}={r:.2f} (target >1 {bc.verdict(r > 1.0)})")
         r = ratio(res, "trl", "bare")
         parts["TRL/bare"].append(f"{s}={r:.2f} (info)")
+        if "prefkit" in res["peak_mib"] and "trl" in res["peak_mib"]:
+            r = res["peak_mib"]["prefkit"] / res["peak_mib"]["trl"]
+            parts.setdefault("peak prefkit/TRL", []).append(f"{s}={r:.2f} (target <=1 {bc.verdict(r <= 1.0)})")
+        if peak and "prefkit" in res["median"]:
+            mfu = res["flops"]["prefkit"] / res["median"]["prefkit"] / peak
+            parts.setdefault("MFU prefkit", []).append(f"{s}={mfu:.1%} (info)")
     print(f"wall time {wall():.0f} s")
     print("RATIOS: " + "; ".join(f"{k} " + " ".join(v) for k, v in parts.items()))
 

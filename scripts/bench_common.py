@@ -13,9 +13,13 @@ ratio is a ratio of medians taken in the same process, so machine noise hits all
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import hashlib
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -200,3 +204,60 @@ def start(args):
     logging.getLogger("trl").setLevel(logging.ERROR)
     return make_accelerator(OmegaConf.create({"device": args.device, "precision": args.dtype,
                                               "num_threads": args.threads}))
+
+
+# --- memory and FLOPs -------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory of a block over what was resident before it, in MiB: the CUDA allocator's peak
+    on a GPU; on a CPU the process's resident-set high-water mark (after malloc_trim)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device, self.mib = torch.device(device), float("nan")
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            with contextlib.suppress(OSError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+            self.before = _status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mib = (torch.cuda.max_memory_allocated() - self.before) / 2**20
+        else:
+            self.mib = (_status("VmHWM") - self.before) / 2**20
+
+
+def _status(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def model_flops_per_token(config, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token of one forward and backward (PaLM's MFU accounting, Chowdhery et
+    al. 2022, App. B): 6 N + 12 L d S, N the parameters without the input embedding, L layers, d the
+    hidden size, S the sequence length. A frozen reference's forward is a third of it."""
+    n = n_params - config.vocab_size * config.hidden_size
+    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+# Dense bf16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets; the first name the device's
+# name contains wins. Anything else: pass --peak-tflops.
+BF16_PEAK = {"H100 PCIe": 756e12, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def bf16_peak(device: torch.device | str, override_tflops: float | None = None) -> float | None:
+    """The GPU's dense bf16 peak in FLOP/s (`--peak-tflops` wins); None on a CPU or an unknown GPU."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
+

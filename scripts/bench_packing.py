@@ -41,13 +41,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import gzip
 import json
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -157,38 +154,6 @@ def padding_fraction(batches, layout: str) -> float:
         rows = len(lengths) if layout != "packed" else len(bins(lengths, max(lengths)))
         total += rows * max(lengths)
     return 1 - real / total
-
-
-# --- memory ----------------------------------------------------------------------------------------
-
-class PeakMemory:
-    """Peak memory of a block over what was resident before it, in MiB."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.mib = device, float("nan")
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
-        else:
-            with contextlib.suppress(OSError):
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-            self.before = _status("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.mib = (torch.cuda.max_memory_allocated() - self.before) / 2**20
-        else:
-            self.mib = (_status("VmHWM") - self.before) / 2**20
-
-
-def _status(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 # --- implementations -------------------------------------------------------------------------------
@@ -365,7 +330,7 @@ def bench_size(size: str, args, accelerator, tok, pairs) -> dict:
             for k, v in policies[name].state_dict().items():
                 v.copy_(init[k])
         policies[name].zero_grad(set_to_none=True)
-        with PeakMemory(device) as mem:
+        with bc.PeakMemory(device) as mem:
             stamps = runners[name].run()
         assert len(stamps) == steps, (name, len(stamps))
         if isinstance(runners[name], Prefkit):

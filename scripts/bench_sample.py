@@ -58,7 +58,7 @@ def prompts_for(size: str, tok, n: int) -> list[tuple[int, tuple[int, ...]]]:
     """(prompt id, prompt token ids), encoded by the sample stage's own rule."""
     from omegaconf import OmegaConf
 
-    from prefkit.stages.sample import prompt_ids
+    from prefkit.data import encode_prompts
 
     if size == "tiny":  # the embedded task's own prompts
         from prefkit import synthetic
@@ -71,8 +71,8 @@ def prompts_for(size: str, tok, n: int) -> list[tuple[int, tuple[int, ...]]]:
             k = int(torch.randint(8, 33, (1,), generator=g))
             ids = torch.randint(4, len(tok), (k,), generator=g).tolist()
             texts.append(" ".join(tok.convert_ids_to_tokens(ids)))
-    return prompt_ids(tok, [{"prompt": t} for t in texts], OmegaConf.create({"max_prompt_length": 1024,
-                                                                             "max_length": 1025}))
+    return encode_prompts(tok, [{"prompt": t} for t in texts], OmegaConf.create({"max_prompt_length": 1024,
+                                                                                 "max_length": 1025}))
 
 
 def prefkit_batched(model, reference, tok, prompts, s, gen, device, stats: bool) -> tuple[int, float, float]:

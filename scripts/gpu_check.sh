@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check of prefkit on one CUDA GPU, offline, in at most 7.5 minutes of wall time (each step
+# One prepared check of prefkit on one CUDA GPU, offline, in at most 8 minutes of wall time (each step
 # has its own limit):
 #
 #   bash scripts/gpu_check.sh [WHEELS_DIR]
@@ -33,13 +33,15 @@ else
 fi
 
 # the CPU suite's model-independent parts on this machine (objectives, token statistics, TRL parity)
-step 90 "unit tests" "$PY" -m pytest -q -m "not slow" tests/test_objectives.py tests/test_tokenstats.py \
+step 60 "unit tests" "$PY" -m pytest -q -m "not slow" tests/test_objectives.py tests/test_tokenstats.py \
   tests/test_trl_losses.py tests/test_modifiers.py tests/test_unpaired.py tests/test_precision.py
-# s/step of DPO against TRL at Pythia-410m and -1.4b shapes, bf16 mixed precision
+# the GPU tests: bf16/fp16 training, sdpa/flash attention, gradient checkpointing, QLoRA, a 410m-shaped align
+step 120 "gpu tests" "$PY" -m pytest -q -rs -m gpu tests/test_gpu.py
+# s/step, tokens/s, peak memory and MFU of DPO against TRL at Pythia-410m and -1.4b shapes, bf16 mixed precision
 step 150 "bench_align 410m, 1.4b bf16" "$PY" scripts/bench_align.py --device cuda --dtype bf16 --threads 8 \
   --sizes 410m,1.4b --seq-len 512 --prompt-len 128
 # peak memory of a TDPO2 / e-DPO step against the official code's
-step 60 "bench_tdpo_memory" "$PY" scripts/bench_tdpo_memory.py --device cuda
+step 45 "bench_tdpo_memory" "$PY" scripts/bench_tdpo_memory.py --device cuda
 # batched sampling with per-sample statistics against one-prompt-at-a-time generate
-step 90 "bench_sample 410m" "$PY" scripts/bench_sample.py --device cuda --dtype bf16 --threads 8 --sizes 410m \
+step 60 "bench_sample 410m" "$PY" scripts/bench_sample.py --device cuda --dtype bf16 --threads 8 --sizes 410m \
   --no-vllm
