@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefkit.errors import UserError
 
 # Keys that do not change what a job computes; they stay out of job directory names.
-_NOT_IN_JOB_NAME = ("run.", "job", "overwrite", "hardware", "logger", "hydra", "resume")
+_NOT_IN_JOB_NAME = ("run.", "job", "overwrite", "hardware", "logger", "hydra", "resume", "sweep_metric")
 _MAX_VALIDATED_COMBINATIONS = 64
 _LONG_NAME = 64  # longer derived job names keep only the keys below and a hash of the other overrides
 _ALWAYS_NAMED = ("objective.", "seed", "reward.", "judge.task")

@@ -41,7 +41,8 @@ LINEAGE = "lineage.json"
 LOCK = ".lock"
 # Keys that do not change what a job computes, so they stay out of its config hash (a job may be
 # resumed with other values of these). Dotted keys name one leaf.
-_UNHASHED = ("run", "job", "overwrite", "logger", "resume", "hardware.num_threads", "train.keep_checkpoints")
+_UNHASHED = ("run", "job", "overwrite", "logger", "resume", "hardware.num_threads", "train.keep_checkpoints",
+             "sweep_metric")
 # A run or job name is one path component that every later command can pass back unquoted.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+@-]{0,199}")
 

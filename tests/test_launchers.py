@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 optuna = pytest.importorskip("optuna")
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # noqa: E402
 
-from hydra_plugins.prefkit_optuna_sweeper.optuna_sweeper import SearchSpaceError, search_space  # noqa: E402
+# the module, not its names: Hydra's plugin scan re-executes it, which redefines its classes
+from hydra_plugins.prefkit_optuna_sweeper import optuna_sweeper  # noqa: E402
 
 
 @pytest.mark.slow  # two jobs in their own processes, about 20 s
@@ -34,12 +35,15 @@ def test_submitit_local_runs_a_two_job_align_sweep(sft_run):
     assert len([p for p in (align / ".submitit").iterdir() if p.is_dir()]) >= 2
 
 
-@pytest.mark.slow  # two tiny align jobs in one process, about 15 s
-def test_optuna_sweeper_runs_a_two_trial_search_whose_values_are_the_jobs_held_out_losses(sft_run):
+@pytest.mark.slow  # two tiny align jobs in one process, about 8 s
+@pytest.mark.parametrize("metric, direction", [("eval_loss", "minimize"), ("eval_rewards/margins", "maximize")])
+def test_optuna_sweeper_runs_a_two_trial_search_whose_values_are_the_jobs_metric(metric, direction, sft_run):
+    study = direction
     prefkit("align", "-m", "run.name=shared", *TINY_ALIGN, "seed=8", "objective=dpo", "hydra/sweeper=optuna",
-            "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.study_name=beta",
+            "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=0", f"hydra.sweeper.study_name={study}",
+            f"hydra.sweeper.direction={direction}", f"sweep_metric={metric}",
             "objective.beta=tag(log,interval(0.02,0.5))", cwd=sft_run)
-    results = OmegaConf.to_container(OmegaConf.load(sft_run / "outputs/shared/align/optuna_beta.yaml"))
+    results = OmegaConf.to_container(OmegaConf.load(sft_run / f"outputs/shared/align/optuna_{study}.yaml"))
     trials = results["trials"]
     assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
     betas = [t["params"]["objective.beta"] for t in trials]
@@ -47,13 +51,15 @@ def test_optuna_sweeper_runs_a_two_trial_search_whose_values_are_the_jobs_held_o
     for trial, beta in zip(trials, betas, strict=True):
         job = Path(trial["job"])
         assert OmegaConf.load(job / "config.yaml").objective.beta == pytest.approx(beta, rel=1e-12)
-        assert trial["value"] == json.loads((job / "summary.json").read_text())["eval_loss"]
-    best = min(trials, key=lambda t: t["value"])
+        assert trial["value"] == json.loads((job / "summary.json").read_text())[metric]
+    pick = min if direction == "minimize" else max
+    best = pick(trials, key=lambda t: t["value"])
+    assert trials[0]["value"] != trials[1]["value"]  # else the best trial would not be defined by the values
     assert results["best"] == {"number": best["number"], "params": best["params"], "value": best["value"]}
 
 
 def test_optuna_search_space_follows_hydras_sweep_syntax():
-    space, fixed = search_space(["objective=dpo", "objective.beta=tag(log,interval(0.01,0.5))",
+    space, fixed = optuna_sweeper.search_space(["objective=dpo", "objective.beta=tag(log,interval(0.01,0.5))",
                                  "train.lr=interval(1e-5,1e-4)", "train.max_steps=range(100,400,100)",
                                  "+extra.k=tag(int,interval(1.5,6))", "objective.loss=choice(sigmoid,hinge)",
                                  "train.warmup=range(0,0.3,0.1)", "seed=choice(1,2)", "seed=3"])
@@ -67,8 +73,19 @@ def test_optuna_search_space_follows_hydras_sweep_syntax():
     assert "seed" not in space
     for bad in ["objective.beta=interval(0.5,0.1)", "objective.beta=tag(log,interval(0,1))",
                 "train.max_steps=range(5,1)", "objective=glob(*)"]:
-        with pytest.raises(SearchSpaceError):
-            search_space([bad])
+        with pytest.raises(optuna_sweeper.SearchSpaceError):
+            optuna_sweeper.search_space([bad])
+
+
+def test_align_returns_its_sweep_metric_or_names_the_ones_it_has():
+    from prefkit.errors import UserError
+    from prefkit.stages.align import sweep_value
+
+    summary = {"eval_loss": 0.69, "eval_rewards/accuracies": 0.5, "objective": "dpo"}
+    assert sweep_value(OmegaConf.create({}), summary) == 0.69  # the default: the held-out loss
+    assert sweep_value(OmegaConf.create({"sweep_metric": "eval_rewards/accuracies"}), summary) == 0.5
+    with pytest.raises(UserError, match="eval_loss, eval_rewards/accuracies"):
+        sweep_value(OmegaConf.create({"sweep_metric": "eval_accuracy"}), summary)
 
 
 @pytest.mark.slow  # one CLI start-up, about 6 s

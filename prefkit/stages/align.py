@@ -31,7 +31,8 @@ from prefkit.tokenstats import KEEP_LOGITS_ELEMENTS, Head, chunk_setting
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Returns the held-out loss (the value Hydra's Optuna sweeper minimises)."""
+    """Returns the summary's `sweep_metric` (default: the held-out loss), the value a Hydra sweeper
+    such as `hydra/sweeper=optuna` optimises."""
     # options that do not fit together stop the run here, before anything is written
     objective, sft_weight = build(OmegaConf.to_container(cfg.objective, resolve=True))
     run_path = run_dir(cfg)
@@ -39,7 +40,7 @@ def run(cfg: DictConfig) -> float | None:
     out = start_job(cfg)
     if out is None:
         summary = job_dir() / "summary.json"
-        return json.loads(summary.read_text()).get("eval_loss") if summary.exists() else None
+        return sweep_value(cfg, json.loads(summary.read_text())) if summary.exists() else None
     torch.manual_seed(int(cfg.seed))
     needs = diagnostics.widen(objective.needs, cfg.get("diagnostics"))  # the objective's, and the analyses'
 
@@ -83,7 +84,7 @@ def run(cfg: DictConfig) -> float | None:
     if accelerator.is_main_process:
         _summarise(out, final, objective, groups)
         write_lineage(out, cfg, {**inputs, "dataset": str(cfg.dataset.name)})
-    return final.get("eval_loss")
+    return sweep_value(cfg, final)
 
 
 @dataclass
@@ -146,6 +147,16 @@ def _beta(objective: Objective) -> float | None:
     """The objective's β (a class attribute, or a function objective's option), if it has one."""
     beta = getattr(objective, "beta", None)
     return beta if beta is not None else getattr(objective, "hparams", {}).get("beta")
+
+
+def sweep_value(cfg: DictConfig, summary: dict) -> float | None:
+    """The job's `sweep_metric` (any number its summary holds), or a UserError naming the ones it has."""
+    key = str(cfg.get("sweep_metric") or "eval_loss")
+    if key not in summary:
+        have = ", ".join(sorted(k for k, v in summary.items() if isinstance(v, int | float) and k.startswith("eval_")))
+        raise UserError(f"sweep_metric={key} is not a number this job reports (its results are kept); "
+                        f"held-out metrics it has: {have or 'none (train.eval_every=0?)'}")
+    return summary[key]
 
 
 def _summarise(out: Path, final: dict, objective: Objective, groups: dict) -> None:

@@ -1,0 +1,31 @@
+"""The benchmark scripts still run (at the smallest shapes, one repeat; nothing is timed here):
+two of them had stopped running unnoticed when the code they import changed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # each script's start-up and a few tiny steps, about 10-20 s each
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.mark.parametrize("script, args", [
+    ("bench_align.py", ["--sizes", "tiny", "--steps", "1", "--warmup", "1", "--repeats", "1",
+                        "--impls", "bare,prefkit,trl"]),
+    ("bench_sample.py", ["--sizes", "tiny", "--repeats", "1", "--prompts", "4", "--max-new-tokens", "8",
+                         "--no-vllm"]),
+    ("bench_tdpo_memory.py", ["--methods", "tdpo2", "--vocab", "512", "--seq-len", "32", "--prompt-len", "8",
+                              "--pairs", "2", "--hidden", "32", "--layers", "1", "--heads", "2"]),
+])
+def test_benchmark_script_runs_and_prints_its_ratios(script, args, tmp_path):
+    env = {**os.environ, "PREFKIT_BENCH_CACHE": str(tmp_path), "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "RATIOS:" in proc.stdout
