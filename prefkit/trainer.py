@@ -239,19 +239,24 @@ class Trainer:
         bad = acc.reduce(bad, reduction="sum") if plan.world_size > 1 else bad
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), float(self.cfg.train.max_grad_norm)) \
             if self.cfg.train.get("max_grad_norm") else None
-        if bad > 0 or (grad_norm is not None and not torch.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            for obj in self.stateful.values():
-                obj.on_skipped_step()
-            self.skipped += 1
+        # fp16 loss scaling (a GradScaler, on CUDA): gradients that overflow at the current scale are the
+        # scaler's business, not a bad step; its own step skips the update and lowers the scale
+        scaler = getattr(acc, "scaler", None)
+        if bad > 0 or (scaler is None and grad_norm is not None and not torch.isfinite(grad_norm)):
+            self._skip_step()
+            if scaler is not None:  # forget this step's unscale_ record, keep the scale
+                scaler.update(new_scale=scaler.get_scale())
             self.bad_in_a_row += 1
             limit = int(self.cfg.train.get("max_bad_steps", 5))
             if self.bad_in_a_row >= limit:
                 raise UserError(f"aborted: {self.bad_in_a_row} optimizer steps in a row had a non-finite loss or "
                                 f"gradient (last at step {self.step + 1}); lower train.lr or check the data")
             return {"skipped_steps": self.skipped, "nonfinite": 1.0}
-        self.bad_in_a_row = 0
         self.optimizer.step()
+        if getattr(self.optimizer, "step_was_skipped", False):  # the loss scale was too high for these gradients
+            self._skip_step()
+            return {"skipped_steps": self.skipped, "nonfinite": 1.0, "loss_scale_overflow": 1.0}
+        self.bad_in_a_row = 0
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -262,6 +267,12 @@ class Trainer:
             sums["grad_norm"] = float(grad_norm)
         sums["skipped_steps"] = self.skipped
         return dict(sums)
+
+    def _skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for obj in self.stateful.values():
+            obj.on_skipped_step()
+        self.skipped += 1
 
     def fit(self) -> dict[str, float]:
         """Train to `total_steps`, resuming from the job's last checkpoint if there is one."""

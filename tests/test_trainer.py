@@ -33,7 +33,7 @@ class Killed(BaseException):
     """A kill nothing can catch (SIGKILL, a lost node): raised inside a step to simulate one."""
 
 
-def _setup(tmp_path: Path, cfg, fail_at=None, poison=None, interrupt_at=None):
+def _setup(tmp_path: Path, cfg, fail_at=None, poison=None, interrupt_at=None, accelerator=None):
     path = embedded_dir("tiny", ARCH, tmp_path / "cache")
     tok = load_tokenizer(str(path))
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def _setup(tmp_path: Path, cfg, fail_at=None, poison=None, interrupt_at=None):
             loss = loss * float("nan")
         return loss, {"num_tokens": int(stats.lengths.sum())}
 
-    trainer = Trainer(cfg, tmp_path / "job", model, make_accelerator(cfg.hardware), len(seqs), loss_fn,
+    trainer = Trainer(cfg, tmp_path / "job", model, accelerator or make_accelerator(cfg.hardware), len(seqs), loss_fn,
                       lengths=[len(s.ids) for s in seqs])
     trainer.seen = []  # the micro-batches' widths, as padded
     inner = trainer.loss_fn
@@ -175,6 +175,38 @@ def test_a_nonfinite_loss_skips_the_step_and_is_counted(tmp_path):
 
 def test_a_run_of_nonfinite_losses_aborts(tmp_path):
     trainer = _setup(tmp_path, _cfg(max_steps=6, save_every=0), poison=set(range(1, 100)))
+    with pytest.raises(UserError, match="3 optimizer steps in a row"):
+        trainer.fit()
+    assert trainer.step == 0
+
+
+def _fp16_accelerator(cfg, init_scale: float):
+    """What accelerate gives `hardware.precision=fp16` on CUDA: fp16 autocast and a GradScaler. It
+    gives no scaler on a CPU, so here the scaler is set by hand before the trainer prepares."""
+    acc = make_accelerator(OmegaConf.merge(cfg.hardware, {"precision": "fp16"}))
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=init_scale), True
+    return acc
+
+
+def test_fp16_loss_scale_overflows_lower_the_scale_and_are_not_bad_steps(tmp_path):
+    """Gradients that overflow at the loss scale are the scaler's to handle: it skips that update and
+    halves the scale. They are not bad steps: before, prefkit skipped them itself without the scaler,
+    so the scale never fell (and the next unscale_ raised)."""
+    cfg = _cfg(max_steps=3, save_every=0)  # max_bad_steps=3: more overflows than that in a row must not abort
+    acc = _fp16_accelerator(cfg, init_scale=2.0**40)
+    trainer = _setup(tmp_path, cfg, accelerator=acc)
+    before = _weights(trainer)
+    result = trainer.fit()
+    assert trainer.step == 3 and trainer.skipped >= 4 and result["skipped_steps"] == trainer.skipped
+    assert acc.scaler.get_scale() <= 2.0**40 / 2**4
+    after = _weights(trainer)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the three real steps moved the weights
+
+
+def test_a_nonfinite_loss_under_fp16_is_still_a_bad_step(tmp_path):
+    cfg = _cfg(max_steps=6, save_every=0)
+    trainer = _setup(tmp_path, cfg, poison=set(range(1, 100)), accelerator=_fp16_accelerator(cfg, 2.0**8))
     with pytest.raises(UserError, match="3 optimizer steps in a row"):
         trainer.fit()
     assert trainer.step == 0
