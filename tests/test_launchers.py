@@ -77,6 +77,16 @@ def test_optuna_search_space_follows_hydras_sweep_syntax():
             optuna_sweeper.search_space([bad])
 
 
+@pytest.mark.slow  # one tiny align job (or none: the search above made it), about 5 s
+def test_a_trial_that_stops_with_an_error_is_recorded_and_stops_the_sweep(sft_run):
+    proc = prefkit("align", "-m", "run.name=shared", *TINY_ALIGN, "seed=8", "objective=dpo", "hydra/sweeper=optuna",
+                   "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.study_name=broken",
+                   "sweep_metric=eval_nope", "objective.beta=tag(log,interval(0.02,0.5))", cwd=sft_run, check=False)
+    assert proc.returncode == 2 and "sweep_metric=eval_nope" in proc.stderr and "Traceback" not in proc.stderr
+    results = OmegaConf.to_container(OmegaConf.load(sft_run / "outputs/shared/align/optuna_broken.yaml"))
+    assert [t["state"] for t in results["trials"]] == ["FAIL"] and results["best"] is None  # the second never ran
+
+
 def test_align_returns_its_sweep_metric_or_names_the_ones_it_has():
     from prefkit.errors import UserError
     from prefkit.stages.align import sweep_value

@@ -146,7 +146,15 @@ class OptunaSweeper(Sweeper):
             asked = [study.ask(distributions) for _ in range(min(self.n_jobs, self.n_trials - job_idx))]
             batch = [[*fixed, *(f"{written[k]}={v}" for k, v in t.params.items())] for t in asked]
             self.validate_batch_is_legal(batch)
-            returns = self.launcher.launch(batch, initial_job_idx=job_idx)
+            try:
+                returns = self.launcher.launch(batch, initial_job_idx=job_idx)
+            except BaseException:  # a job's one-line error or Ctrl-C, raised through the launcher
+                for trial in asked:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    trials.append({"number": trial.number, "params": trial.params, "job": None, "state": "FAIL",
+                                   "value": None})
+                self._write(study, trials)
+                raise
             job_idx += len(batch)
             failure: BaseException | None = None
             for trial, ret in zip(asked, returns, strict=True):
