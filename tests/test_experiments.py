@@ -68,7 +68,8 @@ def test_extra_overrides_replace_the_stages_own():
 
 TINY = {"sft": ["model=tiny_test", "dataset=synthetic_test", "train.max_steps=40", "train.eval_every=40",
                 "train.save_every=0"],
-        "sample": ["model=tiny_test", "dataset=synthetic_test", "sample.max_new_tokens=16", "sample.n_reference=8"],
+        "sample": ["model=tiny_test", "dataset=synthetic_test", "sample.max_new_tokens=16", "sample.n_reference=8",
+                   "sample.max_prompts=48"],
         "judge": ["model=tiny_test", "dataset=synthetic_test"],
         "reward": ["model=tiny_test", "train.max_steps=4", "train.batch_size=8", "hardware.micro_batch_size=8",
                    "train.eval_every=4", "train.save_every=0"],
