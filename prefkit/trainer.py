@@ -30,7 +30,7 @@ from prefkit import checkpoint
 from prefkit.console import console, log, progress
 from prefkit.data import EpochSampler
 from prefkit.engine import is_sharded
-from prefkit.errors import UserError
+from prefkit.errors import Diverged, UserError
 from prefkit.rundir import MetricsLog, atomic_dir, command_keys, config_differences, config_hash, identity, write_json
 from prefkit.stateful import Stateful
 
@@ -249,7 +249,7 @@ class Trainer:
             self.bad_in_a_row += 1
             limit = int(self.cfg.train.get("max_bad_steps", 5))
             if self.bad_in_a_row >= limit:
-                raise UserError(f"aborted: {self.bad_in_a_row} optimizer steps in a row had a non-finite loss or "
+                raise Diverged(f"aborted: {self.bad_in_a_row} optimizer steps in a row had a non-finite loss or "
                                 f"gradient (last at step {self.step + 1}); lower train.lr or check the data")
             return {"skipped_steps": self.skipped, "nonfinite": 1.0}
         self.optimizer.step()

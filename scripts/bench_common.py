@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark scripts (bench_align.py, bench_tdpo_memory.py, bench_sample.py).
 
 Models are created locally (nothing from the Hub): "tiny" is the embedded tiny GPT-NeoX of
-conf/model/tiny.yaml over the synthetic task's word-level vocabulary (128 tokens); "100m" is a
+conf/model/tiny.yaml with its byte-level BPE tokenizer (vocabulary 1,024); "100m" is a
 GPT-NeoX with Pythia's padded vocabulary (50,304) and a word-level tokenizer whose words are
 "w0", "w1", ... so any token id has an exact text form (TRL tokenizes text). Both are saved with
 save_pretrained under a cache directory outside the repository and loaded through prefkit's own
@@ -43,7 +43,7 @@ except ImportError:  # run from a checkout without installing it
 
 DEFAULT_CACHE = Path(os.environ.get("PREFKIT_BENCH_CACHE", "/tmp/prefkit_bench_cache"))
 
-# The embedded tiny model, exactly as conf/model/tiny.yaml declares it (about 0.8M parameters).
+# The embedded tiny model, exactly as conf/model/tiny.yaml declares it (about 1.1M parameters).
 TINY_ARCH = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512,
              "max_position_embeddings": 64, "seed": 0}
 # About 100M parameters: Pythia's vocabulary (50,304, untied input/output embeddings as in Pythia),
@@ -249,7 +249,8 @@ def model_flops_per_token(config, n_params: int, seq_len: int) -> float:
 
 # Dense bf16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets; the first name the device's
 # name contains wins. Anything else: pass --peak-tflops.
-BF16_PEAK = {"H100 PCIe": 756e12, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12, "A100": 312e12,
+             "L40S": 362e12, "L40": 181e12, "L4": 121e12}
 
 
 def bf16_peak(device: torch.device | str, override_tflops: float | None = None) -> float | None:

@@ -11,12 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import TINY_ALIGN, prefkit
 from omegaconf import OmegaConf
-
-optuna = pytest.importorskip("optuna")
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # noqa: E402
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 # the module, not its names: Hydra's plugin scan re-executes it, which redefines its classes
-from hydra_plugins.prefkit_optuna_sweeper import optuna_sweeper  # noqa: E402
+from hydra_plugins.prefkit_optuna_sweeper import optuna_sweeper
 
 
 @pytest.mark.slow  # two jobs in their own processes, about 20 s
@@ -72,7 +70,7 @@ def test_optuna_search_space_follows_hydras_sweep_syntax():
     assert [float(v) for v in space["train.warmup"][1].choices] == pytest.approx([0.0, 0.1, 0.2])  # floats: categorical
     assert "seed" not in space
     for bad in ["objective.beta=interval(0.5,0.1)", "objective.beta=tag(log,interval(0,1))",
-                "train.max_steps=range(5,1)", "objective=glob(*)"]:
+                "train.max_steps=range(5,1)", "objective=glob(*)", "train.max_steps=tag(int,interval(1.2,1.8))"]:
         with pytest.raises(optuna_sweeper.SearchSpaceError):
             optuna_sweeper.search_space([bad])
 
@@ -87,6 +85,17 @@ def test_a_trial_that_stops_with_an_error_is_recorded_and_stops_the_sweep(sft_ru
     assert [t["state"] for t in results["trials"]] == ["FAIL"] and results["best"] is None  # the second never ran
 
 
+@pytest.mark.slow  # two tiny align jobs that stop after two steps, about 8 s
+def test_a_diverging_trial_fails_and_the_search_goes_on(sft_run):
+    proc = prefkit("align", "-m", "run.name=shared", *TINY_ALIGN, "seed=9", "objective=dpo", "hydra/sweeper=optuna",
+                   "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=diverge", "train.max_bad_steps=2",
+                   "train.lr=tag(log,interval(1e25,1e30))", cwd=sft_run)  # every trial's weights blow up
+    trials = OmegaConf.to_container(OmegaConf.load(sft_run / "outputs/shared/align/optuna_diverge.yaml"))["trials"]
+    assert [t["state"] for t in trials] == ["FAIL", "FAIL"]
+    assert all("non-finite" in t["error"] for t in trials)
+    assert proc.stdout.count("the search goes on") == 2
+
+
 def test_align_returns_its_sweep_metric_or_names_the_ones_it_has():
     from prefkit.errors import UserError
     from prefkit.stages.align import sweep_value
@@ -94,8 +103,9 @@ def test_align_returns_its_sweep_metric_or_names_the_ones_it_has():
     summary = {"eval_loss": 0.69, "eval_rewards/accuracies": 0.5, "objective": "dpo"}
     assert sweep_value(OmegaConf.create({}), summary) == 0.69  # the default: the held-out loss
     assert sweep_value(OmegaConf.create({"sweep_metric": "eval_rewards/accuracies"}), summary) == 0.5
-    with pytest.raises(UserError, match="eval_loss, eval_rewards/accuracies"):
-        sweep_value(OmegaConf.create({"sweep_metric": "eval_accuracy"}), summary)
+    for wrong in ("eval_accuracy", "objective"):  # absent, or not a number
+        with pytest.raises(UserError, match="eval_loss, eval_rewards/accuracies"):
+            sweep_value(OmegaConf.create({"sweep_metric": wrong}), summary)
 
 
 @pytest.mark.slow  # one CLI start-up, about 6 s

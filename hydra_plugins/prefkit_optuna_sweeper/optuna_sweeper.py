@@ -71,6 +71,8 @@ def distribution(override: Override) -> Any:
         if log and low <= 0:
             raise SearchSpaceError(f"{key}: a log interval needs low > 0, got {low}")
         if "int" in sweep.tags:
+            if math.ceil(low) > math.floor(high):
+                raise SearchSpaceError(f"{key}: interval({low}, {high}) holds no integer")
             return IntDistribution(math.ceil(low), math.floor(high), log=log)
         return FloatDistribution(float(low), float(high), log=log)
     if isinstance(sweep, RangeSweep) and all(isinstance(v, int) for v in (sweep.start, sweep.stop, sweep.step)):
@@ -120,7 +122,11 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> list[dict[str, Any]]:
         import optuna
+        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
         from hydra.utils import instantiate
+
+        from prefkit.config import Stopped
+        from prefkit.errors import Diverged
 
         if self.direction not in ("minimize", "maximize"):
             raise _stop(f"hydra.sweeper.direction must be minimize or maximize, not {self.direction!r}")
@@ -138,23 +144,42 @@ class OptunaSweeper(Sweeper):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=sampler,
                                     direction=self.direction, load_if_exists=True)
+        # a continued study (storage) keeps its direction and must keep measuring the same thing
+        metric = str(self.config.get("sweep_metric") or "")
+        if study.direction.name.lower() != self.direction or study.user_attrs.get("sweep_metric", metric) != metric:
+            raise _stop(f"study {self.study_name!r} in {self.storage} was made to {study.direction.name.lower()} "
+                        f"sweep_metric={study.user_attrs.get('sweep_metric') or 'its stage value'}; continue it with "
+                        "those, or name a new one with hydra.sweeper.study_name=...")
+        study.set_user_attr("sweep_metric", metric)
+        if study.trials:  # continued: fresh random start-up draws, not the first sweep's again
+            study.sampler.reseed_rng()
         distributions = {key: dist for key, (_, dist) in space.items()}
         written = {key: as_written for key, (as_written, _) in space.items()}
+        # the basic launcher runs jobs one after another anyway: one trial per launch, so that one
+        # trial's error never takes the finished trials of its batch down with it
+        per_launch = 1 if isinstance(self.launcher, BasicLauncher) else self.n_jobs
         trials: list[dict[str, Any]] = []
         job_idx = 0
         while job_idx < self.n_trials:
-            asked = [study.ask(distributions) for _ in range(min(self.n_jobs, self.n_trials - job_idx))]
+            asked = [study.ask(distributions) for _ in range(min(per_launch, self.n_trials - job_idx))]
             batch = [[*fixed, *(f"{written[k]}={v}" for k, v in t.params.items())] for t in asked]
-            self.validate_batch_is_legal(batch)
             try:
+                self.validate_batch_is_legal(batch)
                 returns = self.launcher.launch(batch, initial_job_idx=job_idx)
-            except BaseException:  # a job's one-line error or Ctrl-C, raised through the launcher
+            except BaseException as err:  # a job's one-line error or Ctrl-C, raised through the launcher
+                error = getattr(err, "error", err)  # prefkit's Abort carries the job's error
                 for trial in asked:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    if isinstance(error, Stopped):  # a rerun with the same storage takes these first
+                        study.enqueue_trial(trial.params)
                     trials.append({"number": trial.number, "params": trial.params, "job": None, "state": "FAIL",
-                                   "value": None})
+                                   "value": None, "error": str(error)})
                 self._write(study, trials)
-                raise
+                if not (isinstance(error, Diverged) and len(asked) == 1):
+                    raise
+                print(f"optuna: trial {asked[0].number} failed ({error}); the search goes on", flush=True)
+                job_idx += 1
+                continue
             job_idx += len(batch)
             failure: BaseException | None = None
             for trial, ret in zip(asked, returns, strict=True):
@@ -164,6 +189,9 @@ class OptunaSweeper(Sweeper):
                     value = ret.return_value  # raises the job's exception if it failed
                 except Exception as err:  # recorded; raised once the whole batch is told
                     failure, value = failure or err, None
+                if value is None and failure is None:  # sft, reward, ...: nothing to optimise
+                    failure = _stop("this stage returns no value to optimise; the optuna sweeper works with "
+                                    "`prefkit align` (its sweep_metric)")
                 if value is None or not math.isfinite(float(value)):
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     record.update(state="FAIL", value=None)

@@ -152,11 +152,12 @@ def _beta(objective: Objective) -> float | None:
 def sweep_value(cfg: DictConfig, summary: dict) -> float | None:
     """The job's `sweep_metric` (any number its summary holds), or a UserError naming the ones it has."""
     key = str(cfg.get("sweep_metric") or "eval_loss")
-    if key not in summary:
+    value = summary.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
         have = ", ".join(sorted(k for k, v in summary.items() if isinstance(v, int | float) and k.startswith("eval_")))
         raise UserError(f"sweep_metric={key} is not a number this job reports (its results are kept); "
-                        f"held-out metrics it has: {have or 'none (train.eval_every=0?)'}")
-    return summary[key]
+                        f"held-out metrics it has: {have or 'none'}")
+    return float(value)
 
 
 def _summarise(out: Path, final: dict, objective: Objective, groups: dict) -> None:
