@@ -60,6 +60,16 @@ class FakeAccelerator:
         return m
 
 
+@pytest.fixture
+def in_run_dir(tmp_path, monkeypatch) -> Path:
+    """tmp_path as the working directory of in-process stages (prefkit.api), with the tests' configs
+    on the search path and wandb off, as the CLI runner sets them for a subprocess."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFKIT_CONFIG_PATH", str(TEST_CONF))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory) -> Path:
     """A finished tiny SFT job, shared by the tests that need a policy."""

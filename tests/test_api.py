@@ -1,7 +1,7 @@
 """The Python API: the CLI's configs, validation and code, in-process, returning jobs as data."""
 
 import pytest
-from conftest import TEST_CONF, TINY, TINY_SFT, prefkit
+from conftest import TINY, TINY_SFT, prefkit
 
 from prefkit import api
 from prefkit.errors import UserError
@@ -9,17 +9,9 @@ from prefkit.errors import UserError
 pytestmark = pytest.mark.slow  # trains (briefly)
 
 
-@pytest.fixture
-def here(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PREFKIT_CONFIG_PATH", str(TEST_CONF))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    return tmp_path
-
-
-def test_stages_run_in_process_and_return_their_jobs_as_data(here):
+def test_stages_run_in_process_and_return_their_jobs_as_data(in_run_dir):
     sft = api.sft([*TINY_SFT, "run.name=nb"])
-    assert sft.path.parent == here / "outputs/nb/sft" and sft.stage == "sft" and (sft.path / "model").is_dir()
+    assert sft.path.parent == in_run_dir / "outputs/nb/sft" and sft.stage == "sft" and (sft.path / "model").is_dir()
     assert sft.summary["eval_loss"] > 0
     steps = sft.metrics()
     assert steps["step"].max() == 16 and "loss" in steps.columns
@@ -31,18 +23,18 @@ def test_stages_run_in_process_and_return_their_jobs_as_data(here):
     assert list(table["stage"]) == ["sft", "align"] and set(table["state"]) == {"complete"}
 
 
-def test_a_sweep_returns_every_job(here):
+def test_a_sweep_returns_every_job(in_run_dir):
     api.sft([*TINY_SFT, "run.name=sw"])
     jobs = api.align(["run.name=sw", *TINY, "train.max_steps=1", "train.batch_size=8", "hardware.micro_batch_size=8",
                       "objective=dpo,ipo"], multirun=True)
     assert sorted(j.name.split("_")[0] for j in jobs) == ["dpo", "ipo"] and all(j.summary for j in jobs)
 
 
-def test_bad_input_raises_the_clis_one_line_and_writes_nothing(here):
+def test_bad_input_raises_the_clis_one_line_and_writes_nothing(in_run_dir):
     with pytest.raises(UserError, match=r"unknown objective 'dop' \(did you mean dpo\?\)") as err:
         api.align(objective="dop")
-    cli = prefkit("align", "objective=dop", cwd=here, check=False)
+    cli = prefkit("align", "objective=dop", cwd=in_run_dir, check=False)
     assert str(err.value) in cli.stderr and cli.returncode == 2
     with pytest.raises(UserError, match="no completed sft job"):
         api.align([*TINY, "run.name=empty"])
-    assert not (here / "outputs/empty/align").exists() or not any((here / "outputs/empty/align").iterdir())
+    assert not (in_run_dir / "outputs/empty/align").exists() or not any((in_run_dir / "outputs/empty/align").iterdir())

@@ -11,7 +11,6 @@ import json
 import math
 
 import pytest
-from conftest import TEST_CONF
 from families import family_model
 from transformers import AutoTokenizer
 
@@ -26,11 +25,8 @@ SHORT = ["train.max_steps=2", "train.batch_size=8", "hardware.micro_batch_size=8
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_runs_the_pipeline(family, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PREFKIT_CONFIG_PATH", str(TEST_CONF))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    path = family_model(family, tmp_path / "model")
+def test_family_runs_the_pipeline(family, in_run_dir):
+    path = family_model(family, in_run_dir / "model")
     common = [f"model={FAMILIES[family]}", f"model.name_or_path={path}", "run.name=fam", "dataset=synthetic_test"]
 
     sft = api.sft([*common, *SHORT])

@@ -10,13 +10,12 @@ attention and QLoRA skip there, and the Pythia-410m shape keeps 2 of its 24 laye
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 
 import pytest
 import torch
-from conftest import TEST_CONF, TINY_ALIGN, TINY_SFT
+from conftest import TINY_ALIGN, TINY_SFT
 from families import endoftext_tokenizer, family_model
 
 from prefkit import api, packing, synthetic
@@ -30,17 +29,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs 
 HARDWARE = ["hardware=gpu", f"hardware.device={DEVICE}"]
 
 
-@pytest.fixture
-def in_run_dir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PREFKIT_CONFIG_PATH", str(TEST_CONF))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    return tmp_path
-
-
 def _losses(job) -> list[float]:
-    rows = [json.loads(line) for line in (job.path / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    losses = job.metrics()["loss"].dropna().tolist()  # the logged training losses (eval rows have none)
+    assert losses, f"{job.path} logged no training loss"
+    return losses
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
